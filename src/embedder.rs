@@ -1,0 +1,408 @@
+//! The public entry point for embeddings and token states: [`Embedder`] and its builder.
+//!
+//! Data flows one way: texts → windows ([`crate::text`]) → batches under a token budget
+//! ([`crate::batch`]) → one encoder pass per batch ([`crate::encoder`]) → host arrays.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use ndarray::{Array1, Array2};
+use rayon::prelude::*;
+
+use crate::batch::{plan_batches, Batch};
+use crate::encoder::Encoder;
+use crate::error::{Error, Result};
+use crate::text::{Span, TextEncoder, TokenizedText, WindowConfig};
+use crate::weights::{Checkpoint, ModelSource};
+
+/// The e5 prefix for texts that are searched or classified rather than used as queries.
+pub const PASSAGE_PREFIX: &str = "passage: ";
+
+/// Configures and loads an [`Embedder`]. Every setting has a default; all loading and
+/// validation happens in [`EmbedderBuilder::build`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct EmbedderBuilder {
+    source: ModelSource,
+    device: Device,
+    dtype: DType,
+    batch_tokens: usize,
+    threads: Option<usize>,
+    window: WindowConfig,
+    prefix: String,
+}
+
+impl Default for EmbedderBuilder {
+    fn default() -> Self {
+        EmbedderBuilder {
+            source: ModelSource::Default,
+            device: Device::Cpu,
+            dtype: DType::F32,
+            batch_tokens: 8192,
+            threads: None,
+            window: WindowConfig::default(),
+            prefix: PASSAGE_PREFIX.to_string(),
+        }
+    }
+}
+
+impl EmbedderBuilder {
+    /// Where the model comes from. Default: [`ModelSource::Default`].
+    pub fn model(mut self, source: ModelSource) -> Self {
+        self.source = source;
+        self
+    }
+
+    /// The compute device. Default: CPU. See [`crate::device::select_device`].
+    pub fn device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Dtype of dense weights and activations. Default: f32 (the only one the quantised
+    /// default model accepts; f16/bf16 suit dense checkpoints on a GPU).
+    pub fn dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// Upper bound on the padded tokens (`rows × longest`) of one encoder batch. Default 8192.
+    /// Larger batches use more memory; a window longer than the budget still runs, alone.
+    pub fn batch_tokens(mut self, tokens: usize) -> Self {
+        self.batch_tokens = tokens;
+        self
+    }
+
+    /// Worker threads for the encoder. Default: the machine's available parallelism. The
+    /// embedder owns its thread pool; no global pool is touched.
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = Some(threads);
+        self
+    }
+
+    /// Tokens per window, specials and prefix included. Default 512.
+    pub fn window_tokens(mut self, tokens: usize) -> Self {
+        self.window.max_tokens = tokens;
+        self
+    }
+
+    /// Tokens shared by consecutive windows of a long text. Default 64.
+    pub fn window_overlap(mut self, tokens: usize) -> Self {
+        self.window.overlap = tokens;
+        self
+    }
+
+    /// Text put before every window, as e5 expects. Default `"passage: "`; `""` for models
+    /// trained without one.
+    pub fn text_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Loads the tokenizer and encoder.
+    ///
+    /// # Errors
+    /// [`Error::ModelFolder`] if the model's files are missing, [`Error::ModelFile`] /
+    /// [`Error::Config`] / [`Error::Tensor`] if they are malformed, [`Error::Setting`] for a
+    /// setting out of range (zero threads or budget, a window longer than the model allows,
+    /// an overlap that leaves no progress).
+    pub fn build(self) -> Result<Embedder> {
+        if self.batch_tokens == 0 {
+            return Err(Error::Setting("batch_tokens must be at least 1".into()));
+        }
+        let threads = self
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if threads == 0 {
+            return Err(Error::Setting("threads must be at least 1".into()));
+        }
+        let files = self.source.resolve()?;
+        let checkpoint = Checkpoint::load(&files, &self.device, self.dtype)?;
+        let limit = checkpoint.config().max_sequence_len();
+        if self.window.max_tokens > limit {
+            return Err(Error::Setting(format!(
+                "window_tokens {} exceeds the model's limit of {limit} tokens",
+                self.window.max_tokens
+            )));
+        }
+        let text = TextEncoder::from_file(&files.tokenizer, &self.prefix, self.window)?;
+        let encoder = Encoder::load(&checkpoint)?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("themescan-{i}"))
+            .build()
+            .map_err(|e| Error::Setting(format!("cannot start {threads} threads: {e}")))?;
+        Ok(Embedder {
+            inner: Arc::new(Inner {
+                text,
+                encoder,
+                pool,
+                batch_tokens: self.batch_tokens,
+                threads,
+            }),
+        })
+    }
+}
+
+struct Inner {
+    text: TextEncoder,
+    encoder: Encoder,
+    pool: rayon::ThreadPool,
+    batch_tokens: usize,
+    threads: usize,
+}
+
+/// Embeds texts with a multilingual encoder: one L2-normalised vector per text, or per-token
+/// hidden states with their offsets for heads that work on tokens.
+///
+/// Cheap to clone; `Send + Sync`; build once and reuse.
+///
+/// # Example
+/// ```no_run
+/// # fn main() -> themescan::Result<()> {
+/// use themescan::Embedder;
+///
+/// let embedder = Embedder::builder().threads(2).build()?;
+/// let vectors = embedder.embed(&["De politie heeft een website offline gehaald.", "تم حظر القناة"])?;
+/// assert_eq!(vectors.dim(), (2, 384));
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Embedder {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Embedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Embedder")
+            .field("encoder", self.inner.encoder.config())
+            .field("text", &self.inner.text)
+            .field("batch_tokens", &self.inner.batch_tokens)
+            .field("threads", &self.inner.threads)
+            .finish()
+    }
+}
+
+/// The encoder's output for one window of a text.
+#[derive(Debug, Clone)]
+pub struct WindowStates {
+    /// Token ids fed to the encoder (specials and prefix included).
+    pub ids: Vec<u32>,
+    /// Per token: bytes in the original text; `None` for special and prefix tokens.
+    pub spans: Vec<Option<Span>>,
+    /// Last-layer hidden state per token, `[ids.len(), hidden]`.
+    pub hidden: Array2<f32>,
+    /// Mean of the hidden states over all of the window's tokens (not normalised).
+    pub mean: Array1<f32>,
+    /// The text's content tokens this window holds.
+    pub content: Range<usize>,
+    /// Index in `ids` of the first content token.
+    pub content_offset: usize,
+}
+
+/// The encoder's output for one text.
+#[derive(Debug, Clone)]
+pub struct TextStates {
+    /// The text's embedding, as [`Embedder::embed`] gives it.
+    pub embedding: Array1<f32>,
+    /// Its windows, in text order.
+    pub windows: Vec<WindowStates>,
+    /// Number of the text's tokens (prefix and specials excluded).
+    pub content_tokens: usize,
+}
+
+/// Embeddings with what they cost: see [`Embedder::embed_with_counts`].
+#[derive(Debug, Clone)]
+pub struct Embeddings {
+    /// One L2-normalised row per text.
+    pub vectors: Array2<f32>,
+    /// Encoder tokens per text, over all its windows, special and prefix tokens included.
+    pub tokens: Vec<usize>,
+    /// Windows per text.
+    pub windows: Vec<usize>,
+}
+
+/// Per window: pooled mean, and hidden states when asked for.
+struct WindowOutput {
+    mean: Vec<f32>,
+    hidden: Option<Array2<f32>>,
+}
+
+impl Embedder {
+    /// A builder with the defaults (default model, CPU, f32).
+    pub fn builder() -> EmbedderBuilder {
+        EmbedderBuilder::default()
+    }
+
+    /// Width of the embeddings and hidden states.
+    pub fn hidden_size(&self) -> usize {
+        self.inner.encoder.config().hidden_size
+    }
+
+    /// The tokenizer and windowing rules.
+    pub fn text_encoder(&self) -> &TextEncoder {
+        &self.inner.text
+    }
+
+    /// One L2-normalised embedding per text, `[texts.len(), hidden]`.
+    ///
+    /// A text longer than one window is cut into overlapping windows (none dropped); its
+    /// embedding is the mean of its windows' mean-pooled states weighted by each window's
+    /// text-token count, then normalised. An empty text is embedded as the prefix alone.
+    ///
+    /// # Errors
+    /// [`Error::Tokenizer`] or a tensor error; nothing is returned for any text then.
+    pub fn embed(&self, texts: &[&str]) -> Result<Array2<f32>> {
+        Ok(self.embed_with_counts(texts)?.vectors)
+    }
+
+    /// As [`Embedder::embed`], with the encoder tokens and windows each text cost.
+    ///
+    /// # Errors
+    /// As [`Embedder::embed`].
+    pub fn embed_with_counts(&self, texts: &[&str]) -> Result<Embeddings> {
+        let (tokenized, outputs) = self.run(texts, false)?;
+        let h = self.hidden_size();
+        let mut vectors = Array2::zeros((texts.len(), h));
+        for ((row, text), windows) in vectors.outer_iter_mut().zip(&tokenized).zip(&outputs) {
+            let means = windows.iter().map(|w| w.mean.as_slice());
+            write_text_embedding(row, text, means);
+        }
+        let tokens = tokenized
+            .iter()
+            .map(|t| t.windows.iter().map(|w| w.ids.len()).sum())
+            .collect();
+        let windows = tokenized.iter().map(|t| t.windows.len()).collect();
+        Ok(Embeddings {
+            vectors,
+            tokens,
+            windows,
+        })
+    }
+
+    /// Hidden states and offsets of every window of every text, and each text's embedding.
+    ///
+    /// # Errors
+    /// As [`Embedder::embed`].
+    pub fn token_states(&self, texts: &[&str]) -> Result<Vec<TextStates>> {
+        let (tokenized, outputs) = self.run(texts, true)?;
+        let h = self.hidden_size();
+        Ok(tokenized
+            .into_iter()
+            .zip(outputs)
+            .map(|(text, windows)| {
+                let mut embedding = Array1::zeros(h);
+                write_text_embedding(
+                    embedding.view_mut(),
+                    &text,
+                    windows.iter().map(|w| w.mean.as_slice()),
+                );
+                let windows = text
+                    .windows
+                    .into_iter()
+                    .zip(windows)
+                    .map(|(w, out)| WindowStates {
+                        hidden: out
+                            .hidden
+                            .expect("run(keep_hidden = true) keeps every window's states"),
+                        mean: Array1::from(out.mean),
+                        ids: w.ids,
+                        spans: w.spans,
+                        content: w.content,
+                        content_offset: w.content_offset,
+                    })
+                    .collect();
+                TextStates {
+                    embedding,
+                    windows,
+                    content_tokens: text.content_tokens,
+                }
+            })
+            .collect())
+    }
+
+    /// Tokenises, batches and encodes; returns per text its windows' outputs in order.
+    fn run(
+        &self,
+        texts: &[&str],
+        keep_hidden: bool,
+    ) -> Result<(Vec<TokenizedText>, Vec<Vec<WindowOutput>>)> {
+        let inner = &*self.inner;
+        inner.pool.install(|| {
+            let tokenized: Vec<TokenizedText> = texts
+                .par_iter()
+                .map(|t| inner.text.encode(t))
+                .collect::<Result<_>>()?;
+            // Every window of every text, as (text, window) pairs, so that one batch mixes texts.
+            let slots: Vec<(usize, usize)> = tokenized
+                .iter()
+                .enumerate()
+                .flat_map(|(t, text)| (0..text.windows.len()).map(move |w| (t, w)))
+                .collect();
+            let lengths: Vec<usize> = slots
+                .iter()
+                .map(|&(t, w)| tokenized[t].windows[w].ids.len())
+                .collect();
+            let mut outputs: Vec<Vec<Option<WindowOutput>>> = tokenized
+                .iter()
+                .map(|t| (0..t.windows.len()).map(|_| None).collect())
+                .collect();
+            let pad = inner.encoder.config().pad_token_id;
+            for rows in plan_batches(&lengths, inner.batch_tokens) {
+                let sequences: Vec<&[u32]> = rows
+                    .iter()
+                    .map(|&r| tokenized[slots[r].0].windows[slots[r].1].ids.as_slice())
+                    .collect();
+                let batch = Batch::new(&sequences, pad);
+                let encoded = inner.encoder.forward(&batch)?;
+                // Device-to-host copies are the expensive part on a GPU: one per output per batch.
+                let means: Vec<Vec<f32>> =
+                    encoded.mean_pooled()?.to_dtype(DType::F32)?.to_vec2()?;
+                let hidden: Option<Vec<Vec<Vec<f32>>>> = if keep_hidden {
+                    Some(encoded.hidden.to_dtype(DType::F32)?.to_vec3()?)
+                } else {
+                    None
+                };
+                let mut hidden = hidden.map(|h| h.into_iter());
+                for ((&r, mean), &len) in rows.iter().zip(means).zip(batch.lengths()) {
+                    let hidden = hidden.as_mut().map(|rows| {
+                        let row = rows.next().expect("one hidden row per batch row");
+                        let h = row.first().map_or(0, Vec::len);
+                        let flat: Vec<f32> = row.into_iter().take(len).flatten().collect();
+                        Array2::from_shape_vec((len, h), flat).expect("len rows of width h")
+                    });
+                    let (t, w) = slots[r];
+                    outputs[t][w] = Some(WindowOutput { mean, hidden });
+                }
+            }
+            let outputs = outputs
+                .into_iter()
+                .map(|windows| {
+                    windows
+                        .into_iter()
+                        .map(|w| w.expect("every window is in one batch"))
+                        .collect()
+                })
+                .collect();
+            Ok((tokenized, outputs))
+        })
+    }
+}
+
+/// Combines a text's window means into its embedding: weighted by text tokens, L2-normalised.
+fn write_text_embedding<'a>(
+    mut out: ndarray::ArrayViewMut1<'_, f32>,
+    text: &TokenizedText,
+    means: impl Iterator<Item = &'a [f32]>,
+) {
+    let mut total = 0f32;
+    for (window, mean) in text.windows.iter().zip(means) {
+        let weight = window.content.len().max(1) as f32;
+        total += weight;
+        out.iter_mut().zip(mean).for_each(|(o, m)| *o += weight * m);
+    }
+    let norm = out.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+    out.mapv_inplace(|v| v / norm);
+    debug_assert!(total > 0.0, "every text has at least one window");
+}

@@ -1,0 +1,99 @@
+//! The transformer forward pass on a candle [`Device`](candle_core::Device).
+//!
+//! [`Encoder::forward`] takes a [`Batch`] of plain token ids and gives [`EncoderOutput`]:
+//! per-token hidden states `[rows, len, hidden]` and the padding mask, both on the device. The
+//! encoder knows nothing of where its weights came from (see [`crate::weights`]) or what the
+//! heads do with its output.
+
+mod config;
+pub mod layers;
+
+use candle_core::{DType, Device, Tensor};
+
+pub use config::{EncoderConfig, HiddenAct};
+use layers::{Embeddings, Layer};
+
+use crate::batch::Batch;
+use crate::error::{Error, Result};
+use crate::weights::Checkpoint;
+
+/// A BERT-family encoder (BERT, XLM-RoBERTa, multilingual-e5).
+#[derive(Debug, Clone)]
+pub struct Encoder {
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    config: EncoderConfig,
+    device: Device,
+    dtype: DType,
+}
+
+/// What one forward pass gives.
+#[derive(Debug, Clone)]
+pub struct EncoderOutput {
+    /// Hidden states of the last layer, `[rows, len, hidden]`; padded positions hold garbage.
+    pub hidden: Tensor,
+    /// 1 for real tokens, 0 for padding, `[rows, len]`, in the activation dtype.
+    pub mask: Tensor,
+}
+
+impl EncoderOutput {
+    /// Mean of each row's real-token states, `[rows, hidden]` (not normalised).
+    pub fn mean_pooled(&self) -> Result<Tensor> {
+        layers::mean_pool(&self.hidden, &self.mask)
+    }
+}
+
+impl Encoder {
+    /// Builds the encoder from a loaded checkpoint.
+    ///
+    /// # Errors
+    /// [`Error::Tensor`] naming the first missing or misshapen tensor.
+    pub fn load(checkpoint: &Checkpoint) -> Result<Self> {
+        let w = checkpoint.root();
+        let cfg = checkpoint.config().clone();
+        let embeddings = Embeddings::load(&w.pp("embeddings"), &cfg)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::load(&w.pp("encoder").pp("layer").pp(i), &cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Encoder {
+            embeddings,
+            layers,
+            config: cfg,
+            device: checkpoint.device().clone(),
+            dtype: checkpoint.dtype(),
+        })
+    }
+
+    /// The encoder's sizes.
+    pub fn config(&self) -> &EncoderConfig {
+        &self.config
+    }
+
+    /// Device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs the encoder over a padded batch.
+    ///
+    /// # Errors
+    /// [`Error::Setting`] if the batch is longer than the position table allows; a tensor error
+    /// for an id outside the vocabulary.
+    pub fn forward(&self, batch: &Batch) -> Result<EncoderOutput> {
+        let (rows, len) = (batch.rows(), batch.max_len());
+        if len > self.config.max_sequence_len() {
+            return Err(Error::Setting(format!(
+                "a sequence of {len} tokens exceeds the encoder's limit of {}",
+                self.config.max_sequence_len()
+            )));
+        }
+        let mask =
+            Tensor::from_vec(batch.mask(), (rows, len), &self.device)?.to_dtype(self.dtype)?;
+        let bias = layers::attention_bias(&mask, self.dtype)?;
+        let mut hidden = self.embeddings.forward(batch.ids(), rows, len)?;
+        for layer in &self.layers {
+            hidden = layer.forward(&hidden, &bias)?;
+        }
+        Ok(EncoderOutput { hidden, mask })
+    }
+}

@@ -1,0 +1,209 @@
+//! From a text to encoder windows: tokenisation with offsets, the e5 prefix, windows.
+//!
+//! Every token keeps a [`Span`] of byte offsets into the ORIGINAL text (the tokenizer's
+//! normaliser keeps that alignment), so later stages can cut sentences and entities out of the
+//! input exactly. Special tokens and the `passage: ` prefix have no span. This module knows
+//! nothing of tensors.
+
+mod window;
+
+use std::ops::Range;
+use std::path::Path;
+
+use tokenizers::Tokenizer;
+
+use crate::error::{Error, Result};
+pub use window::{owning_window, plan_windows};
+
+/// A byte range `start..end` in the original text; `start <= end`, both on char boundaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Span {
+    /// First byte.
+    pub start: usize,
+    /// One past the last byte.
+    pub end: usize,
+}
+
+impl Span {
+    /// The range form, for slicing: `&text[span.range()]`.
+    pub fn range(self) -> Range<usize> {
+        self.start..self.end
+    }
+}
+
+/// How long texts are cut into windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowConfig {
+    /// Tokens per window, special tokens and prefix included (default 512, the model's limit).
+    pub max_tokens: usize,
+    /// Tokens shared by consecutive windows of a long text (default 64).
+    pub overlap: usize,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        WindowConfig {
+            max_tokens: 512,
+            overlap: 64,
+        }
+    }
+}
+
+/// One encoder input: special tokens, prefix and a run of the text's tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    /// Token ids fed to the encoder.
+    pub ids: Vec<u32>,
+    /// Per id: its bytes in the original text, `None` for special and prefix tokens.
+    pub spans: Vec<Option<Span>>,
+    /// Which of the text's content tokens this window holds (indices into the whole text's
+    /// token sequence, prefix and specials excluded).
+    pub content: Range<usize>,
+    /// Index in `ids` of the first content token.
+    pub content_offset: usize,
+}
+
+/// A text cut into windows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenizedText {
+    /// The windows, in text order; together they hold every content token.
+    pub windows: Vec<Window>,
+    /// Number of content tokens in the whole text.
+    pub content_tokens: usize,
+}
+
+/// Tokeniser plus windowing rules.
+#[derive(Clone)]
+pub struct TextEncoder {
+    tokenizer: Tokenizer,
+    head: Vec<u32>,
+    tail: Vec<u32>,
+    window: WindowConfig,
+}
+
+impl std::fmt::Debug for TextEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextEncoder")
+            .field("head", &self.head)
+            .field("tail", &self.tail)
+            .field("window", &self.window)
+            .finish()
+    }
+}
+
+impl TextEncoder {
+    /// Loads `tokenizer.json` and prepares windows of `window` tokens, each starting with the
+    /// model's leading special tokens and the tokens of `prefix` (e5's `"passage: "`; `""` for
+    /// none).
+    ///
+    /// # Errors
+    /// [`Error::Io`] / [`Error::Tokenizer`] if the file cannot be read or parsed;
+    /// [`Error::Setting`] if the window leaves no room for text.
+    pub fn from_file(path: &Path, prefix: &str, window: WindowConfig) -> Result<Self> {
+        let json = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let mut tokenizer = Tokenizer::from_bytes(&json).map_err(|e| Error::ModelFile {
+            path: path.to_path_buf(),
+            offset: 0,
+            message: format!("not a readable tokenizer.json: {e}"),
+        })?;
+        tokenizer.with_truncation(None).map_err(Error::Tokenizer)?;
+        tokenizer.with_padding(None);
+
+        // The special tokens the post-processor puts around a text, found by encoding one.
+        let probe = tokenizer.encode("a", true).map_err(Error::Tokenizer)?;
+        let special = probe.get_special_tokens_mask();
+        let first_content = special
+            .iter()
+            .position(|&s| s == 0)
+            .unwrap_or(special.len());
+        let last_content = special
+            .iter()
+            .rposition(|&s| s == 0)
+            .map_or(first_content, |i| i + 1);
+        let mut head = probe.get_ids()[..first_content].to_vec();
+        let tail = probe.get_ids()[last_content..].to_vec();
+        let prefix = prefix.trim_end();
+        if !prefix.is_empty() {
+            head.extend(
+                tokenizer
+                    .encode(prefix, false)
+                    .map_err(Error::Tokenizer)?
+                    .get_ids(),
+            );
+        }
+        let fixed = head.len() + tail.len();
+        if window.max_tokens <= fixed {
+            return Err(Error::Setting(format!(
+                "window_tokens {} leaves no room for text after {fixed} special and prefix tokens",
+                window.max_tokens
+            )));
+        }
+        if window.overlap >= window.max_tokens - fixed {
+            return Err(Error::Setting(format!(
+                "window_overlap {} must be below the {} text tokens a window of {} holds",
+                window.overlap,
+                window.max_tokens - fixed,
+                window.max_tokens
+            )));
+        }
+        Ok(TextEncoder {
+            tokenizer,
+            head,
+            tail,
+            window,
+        })
+    }
+
+    /// The windowing rules.
+    pub fn window_config(&self) -> WindowConfig {
+        self.window
+    }
+
+    /// Text tokens one window holds.
+    pub fn window_capacity(&self) -> usize {
+        self.window.max_tokens - self.head.len() - self.tail.len()
+    }
+
+    /// Tokenises `text` and cuts it into windows. An empty text gives one window with only the
+    /// special and prefix tokens.
+    ///
+    /// # Errors
+    /// [`Error::Tokenizer`] if the tokenizer fails on the text.
+    pub fn encode(&self, text: &str) -> Result<TokenizedText> {
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(Error::Tokenizer)?;
+        let ids = encoding.get_ids();
+        let offsets = encoding.get_offsets();
+        let ranges = plan_windows(ids.len(), self.window_capacity(), self.window.overlap);
+        let windows = ranges
+            .into_iter()
+            .map(|content| {
+                let mut window_ids =
+                    Vec::with_capacity(self.head.len() + content.len() + self.tail.len());
+                let mut spans = Vec::with_capacity(window_ids.capacity());
+                window_ids.extend_from_slice(&self.head);
+                spans.resize(self.head.len(), None);
+                window_ids.extend_from_slice(&ids[content.clone()]);
+                spans.extend(
+                    offsets[content.clone()]
+                        .iter()
+                        .map(|&(start, end)| Some(Span { start, end })),
+                );
+                window_ids.extend_from_slice(&self.tail);
+                spans.resize(window_ids.len(), None);
+                Window {
+                    ids: window_ids,
+                    spans,
+                    content,
+                    content_offset: self.head.len(),
+                }
+            })
+            .collect();
+        Ok(TokenizedText {
+            windows,
+            content_tokens: ids.len(),
+        })
+    }
+}
