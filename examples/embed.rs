@@ -31,9 +31,9 @@ struct Args {
     /// Encoder threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Padded tokens per encoder batch.
-    #[arg(long, default_value_t = 8192)]
-    batch_tokens: usize,
+    /// Padded tokens per encoder batch (default: 1024 on CPU, 16384 on a GPU).
+    #[arg(long)]
+    batch_tokens: Option<usize>,
     /// cpu, cuda, cuda:N, metal or auto.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -92,8 +92,10 @@ fn main() -> anyhow::Result<()> {
         .map_or(ModelSource::Default, ModelSource::Folder);
     let mut builder = Embedder::builder()
         .model(source)
-        .device(themescan::device::select_device(&args.device)?)
-        .batch_tokens(args.batch_tokens);
+        .device(themescan::device::select_device(&args.device)?);
+    if let Some(b) = args.batch_tokens {
+        builder = builder.batch_tokens(b);
+    }
     if let Some(t) = args.threads {
         builder = builder.threads(t);
     }

@@ -53,10 +53,10 @@ mod error;
 pub mod text;
 pub mod weights;
 
+/// Re-exported so that users need not depend on candle to pick a device or dtype.
+pub use candle_core::{DType, Device};
 pub use embedder::{
     Embedder, EmbedderBuilder, Embeddings, TextStates, WindowStates, PASSAGE_PREFIX,
 };
 pub use error::{Error, Result};
 pub use weights::ModelSource;
-/// Re-exported so that users need not depend on candle to pick a device or dtype.
-pub use candle_core::{DType, Device};

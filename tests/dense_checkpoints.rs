@@ -23,7 +23,10 @@ struct Reference {
 }
 
 fn reference() -> Reference {
-    serde_json::from_str(&std::fs::read_to_string(repo_path("tests/fixtures/tiny/reference.json")).unwrap()).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(repo_path("tests/fixtures/tiny/reference.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 fn tiny(name: &str) -> PathBuf {
@@ -33,10 +36,19 @@ fn tiny(name: &str) -> PathBuf {
 /// Runs the encoder on the reference batch and returns the largest absolute difference.
 fn max_abs_error(folder: &Path, weights: &Path, model: &str, dtype: DType) -> f32 {
     let reference = reference();
-    let checkpoint = Checkpoint::load_safetensors(&folder.join("config.json"), weights, &Device::Cpu, dtype).unwrap();
+    let checkpoint =
+        Checkpoint::load_safetensors(&folder.join("config.json"), weights, &Device::Cpu, dtype)
+            .unwrap();
     let encoder = Encoder::load(&checkpoint).unwrap();
     let batch = Batch::new(&reference.ids, encoder.config().pad_token_id);
-    let hidden: Vec<Vec<Vec<f32>>> = encoder.forward(&batch).unwrap().hidden.to_dtype(DType::F32).unwrap().to_vec3().unwrap();
+    let hidden: Vec<Vec<Vec<f32>>> = encoder
+        .forward(&batch)
+        .unwrap()
+        .hidden
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec3()
+        .unwrap();
     let want = &reference.models[model];
     let mut worst = 0f32;
     for (row, (got, want)) in hidden.iter().zip(want).enumerate() {
@@ -55,9 +67,17 @@ fn max_abs_error(folder: &Path, weights: &Path, model: &str, dtype: DType) -> f3
 fn tiny_bert_and_xlm_roberta_agree_with_transformers() {
     for model in ["bert", "xlm-roberta"] {
         let folder = tiny(model);
-        let err = max_abs_error(&folder, &folder.join("model.safetensors"), model, DType::F32);
+        let err = max_abs_error(
+            &folder,
+            &folder.join("model.safetensors"),
+            model,
+            DType::F32,
+        );
         eprintln!("{model}: max abs error vs transformers {err:.2e}");
-        assert!(err <= MAX_ABS_F32, "{model}: max abs error {err} over {MAX_ABS_F32}");
+        assert!(
+            err <= MAX_ABS_F32,
+            "{model}: max abs error {err} over {MAX_ABS_F32}"
+        );
     }
 }
 
@@ -68,15 +88,21 @@ fn half_precision_checkpoints_load() {
     let dir = tempfile::tempdir().unwrap();
     for (stored, tolerance) in [(DType::F16, 2e-2), (DType::BF16, 1e-1)] {
         let folder = tiny("xlm-roberta");
-        let tensors = candle_core::safetensors::load(folder.join("model.safetensors"), &Device::Cpu).unwrap();
-        let converted: std::collections::HashMap<String, Tensor> =
-            tensors.into_iter().map(|(k, v)| (k, v.to_dtype(stored).unwrap())).collect();
+        let tensors =
+            candle_core::safetensors::load(folder.join("model.safetensors"), &Device::Cpu).unwrap();
+        let converted: std::collections::HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(k, v)| (k, v.to_dtype(stored).unwrap()))
+            .collect();
         let path = dir.path().join(format!("{stored:?}.safetensors"));
         candle_core::safetensors::save(&converted, &path).unwrap();
         for compute in [DType::F32, stored] {
             let err = max_abs_error(&folder, &path, "xlm-roberta", compute);
             eprintln!("stored {stored:?}, computed {compute:?}: max abs error {err:.2e}");
-            assert!(err <= tolerance, "stored {stored:?} computed {compute:?}: {err}");
+            assert!(
+                err <= tolerance,
+                "stored {stored:?} computed {compute:?}: {err}"
+            );
         }
     }
 }
@@ -87,21 +113,38 @@ fn half_precision_checkpoints_load() {
 fn tiny_bert_agrees_with_candle_transformers() {
     use candle_transformers::models::bert::{BertModel, Config};
     let folder = tiny("bert");
-    let config: Config = serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap()).unwrap();
+    let config: Config =
+        serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap())
+            .unwrap();
     let data = std::fs::read(folder.join("model.safetensors")).unwrap();
-    let vb = candle_nn::VarBuilder::from_buffered_safetensors(data, DType::F32, &Device::Cpu).unwrap();
+    let vb =
+        candle_nn::VarBuilder::from_buffered_safetensors(data, DType::F32, &Device::Cpu).unwrap();
     let theirs = BertModel::load(vb, &config).unwrap();
     let reference = reference();
-    let checkpoint =
-        Checkpoint::load_safetensors(&folder.join("config.json"), &folder.join("model.safetensors"), &Device::Cpu, DType::F32)
-            .unwrap();
+    let checkpoint = Checkpoint::load_safetensors(
+        &folder.join("config.json"),
+        &folder.join("model.safetensors"),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
     let ours = Encoder::load(&checkpoint).unwrap();
     for ids in &reference.ids {
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let types = input.zeros_like().unwrap();
         let want = theirs.forward(&input, &types, None).unwrap();
         let got = ours.forward(&Batch::new(&[ids], 1)).unwrap().hidden;
-        let diff: f32 = (want - got).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let diff: f32 = (want - got)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(diff <= MAX_ABS_F32, "diff {diff}");
     }
 }
@@ -125,9 +168,20 @@ fn build_hub_cache(root: &Path, repo_id: &str) {
 fn hub_cache_source_loads_offline() {
     let cache = tempfile::tempdir().unwrap();
     build_hub_cache(cache.path(), "themescan/tiny-xlm-roberta");
-    let texts = ["the police said the court was in the city", "في المدينة", ""];
+    let texts = [
+        "the police said the court was in the city",
+        "في المدينة",
+        "",
+    ];
     let from = |source: ModelSource| {
-        Embedder::builder().model(source).text_prefix("").threads(1).build().unwrap().embed(&texts).unwrap()
+        Embedder::builder()
+            .model(source)
+            .text_prefix("")
+            .threads(1)
+            .build()
+            .unwrap()
+            .embed(&texts)
+            .unwrap()
     };
     let hub = from(ModelSource::HubCache {
         cache_dir: cache.path().into(),
@@ -147,20 +201,37 @@ fn hub_cache_source_loads_offline() {
         .build()
         .unwrap_err()
         .to_string();
-    assert!(err.contains("themescan/absent") && err.contains("nothing is downloaded"), "{err}");
+    assert!(
+        err.contains("themescan/absent") && err.contains("nothing is downloaded"),
+        "{err}"
+    );
 }
 
 /// Wrong or incomplete folders are reported with the folder and what was expected.
 #[test]
 fn bad_model_folders_are_clear_errors() {
-    let build = |dir: &Path| Embedder::builder().model(ModelSource::Folder(dir.into())).text_prefix("").build().unwrap_err();
+    let build = |dir: &Path| {
+        Embedder::builder()
+            .model(ModelSource::Folder(dir.into()))
+            .text_prefix("")
+            .build()
+            .unwrap_err()
+    };
 
     let missing = build(Path::new("/nonexistent/model"));
-    assert!(missing.to_string().contains("/nonexistent/model: no such folder"), "{missing}");
+    assert!(
+        missing
+            .to_string()
+            .contains("/nonexistent/model: no such folder"),
+        "{missing}"
+    );
 
     let empty = tempfile::tempdir().unwrap();
     let err = build(empty.path()).to_string();
-    assert!(err.contains("holds no model") && err.contains("config.json"), "{err}");
+    assert!(
+        err.contains("holds no model") && err.contains("config.json"),
+        "{err}"
+    );
 
     let copy = |files: &[&str]| {
         let dir = tempfile::tempdir().unwrap();
@@ -170,27 +241,52 @@ fn bad_model_folders_are_clear_errors() {
         dir
     };
     let no_tokenizer = copy(&["config.json", "model.safetensors"]);
-    assert!(build(no_tokenizer.path()).to_string().contains("no `tokenizer.json`"));
+    assert!(build(no_tokenizer.path())
+        .to_string()
+        .contains("no `tokenizer.json`"));
 
     let bad_config = copy(&["model.safetensors", "tokenizer.json"]);
-    std::fs::write(bad_config.path().join("config.json"), "{\"hidden_size\": 32,\n oops").unwrap();
+    std::fs::write(
+        bad_config.path().join("config.json"),
+        "{\"hidden_size\": 32,\n oops",
+    )
+    .unwrap();
     let err = build(bad_config.path());
-    assert!(matches!(err, Error::Config { .. }) && err.to_string().contains("line 2"), "{err}");
+    assert!(
+        matches!(err, Error::Config { .. }) && err.to_string().contains("line 2"),
+        "{err}"
+    );
 
     let gpt = copy(&["model.safetensors", "tokenizer.json"]);
-    let config = std::fs::read_to_string(tiny("bert").join("config.json")).unwrap().replace("\"bert\"", "\"gpt2\"");
+    let config = std::fs::read_to_string(tiny("bert").join("config.json"))
+        .unwrap()
+        .replace("\"bert\"", "\"gpt2\"");
     std::fs::write(gpt.path().join("config.json"), config).unwrap();
-    assert!(build(gpt.path()).to_string().contains("model_type `gpt2` is not supported"));
+    assert!(build(gpt.path())
+        .to_string()
+        .contains("model_type `gpt2` is not supported"));
 
     let garbage = copy(&["config.json", "tokenizer.json"]);
-    std::fs::write(garbage.path().join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();
+    std::fs::write(
+        garbage.path().join("model.safetensors"),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json",
+    )
+    .unwrap();
     let err = build(garbage.path());
-    assert!(matches!(err, Error::ModelFile { .. }) && err.to_string().contains("safetensors"), "{err}");
+    assert!(
+        matches!(err, Error::ModelFile { .. }) && err.to_string().contains("safetensors"),
+        "{err}"
+    );
 
     // A checkpoint whose config disagrees with its tensors names the tensor.
     let wrong = copy(&["model.safetensors", "tokenizer.json"]);
-    let config = std::fs::read_to_string(tiny("bert").join("config.json")).unwrap().replace("\"hidden_size\": 32", "\"hidden_size\": 64");
+    let config = std::fs::read_to_string(tiny("bert").join("config.json"))
+        .unwrap()
+        .replace("\"hidden_size\": 32", "\"hidden_size\": 64");
     std::fs::write(wrong.path().join("config.json"), config).unwrap();
     let err = build(wrong.path());
-    assert!(matches!(err, Error::Tensor { .. }) && err.to_string().contains("embeddings."), "{err}");
+    assert!(
+        matches!(err, Error::Tensor { .. }) && err.to_string().contains("embeddings."),
+        "{err}"
+    );
 }

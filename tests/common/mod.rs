@@ -24,8 +24,11 @@ pub struct Text {
 }
 
 pub fn texts() -> Vec<Text> {
-    let data = std::fs::read_to_string(repo_path("tests/data/multilingual.jsonl")).expect("tests/data/multilingual.jsonl");
-    data.lines().map(|l| serde_json::from_str(l).expect("valid test text")).collect()
+    let data = std::fs::read_to_string(repo_path("tests/data/multilingual.jsonl"))
+        .expect("tests/data/multilingual.jsonl");
+    data.lines()
+        .map(|l| serde_json::from_str(l).expect("valid test text"))
+        .collect()
 }
 
 /// The default model's folder; panics with instructions when it has not been fetched.
