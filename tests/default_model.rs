@@ -169,12 +169,12 @@ fn order_of_texts_does_not_matter() {
     let a = embedder.embed(&forward).unwrap();
     let b = embedder.embed(&reversed).unwrap();
     let n = forward.len();
-    for i in 0..n {
+    for (i, text) in texts.iter().enumerate() {
         let cos = cosine(
             a.row(i).as_slice().unwrap(),
             b.row(n - 1 - i).as_slice().unwrap(),
         );
-        assert!(cos >= COS_SAME_TEXT, "{}: cos {cos}", texts[i].id);
+        assert!(cos >= COS_SAME_TEXT, "{}: cos {cos}", text.id);
     }
 }
 

@@ -265,7 +265,7 @@ impl Container {
             let expected = match dtype {
                 ContainerDType::F32 => elements * 4,
                 ContainerDType::Q4_0 => {
-                    if elements % Q4_0_BLOCK_WEIGHTS != 0 {
+                    if !elements.is_multiple_of(Q4_0_BLOCK_WEIGHTS) {
                         return Err(c.error(format!(
                             "Q4_0 tensor `{name}` has {elements} weights, not a multiple of 32"
                         )));
