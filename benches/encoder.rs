@@ -13,7 +13,12 @@ fn news() -> Vec<String> {
     std::fs::read_to_string(path)
         .expect("benches/data/news.jsonl")
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect()
 }
 
@@ -33,7 +38,14 @@ fn take_tokens<'a>(e: &Embedder, texts: &'a [String], tokens: usize) -> (Vec<&'a
         if total >= tokens {
             break;
         }
-        total += e.text_encoder().encode(t).unwrap().windows.iter().map(|w| w.ids.len()).sum::<usize>();
+        total += e
+            .text_encoder()
+            .encode(t)
+            .unwrap()
+            .windows
+            .iter()
+            .map(|w| w.ids.len())
+            .sum::<usize>();
         picked.push(t.as_str());
     }
     (picked, total)
@@ -46,7 +58,12 @@ fn bench_tokenise(c: &mut Criterion) {
     let mut group = c.benchmark_group("tokenise+window");
     group.throughput(Throughput::Bytes(bytes as u64));
     group.bench_function("news60", |b| {
-        b.iter(|| texts.iter().map(|t| e.text_encoder().encode(t).unwrap().content_tokens).sum::<usize>())
+        b.iter(|| {
+            texts
+                .iter()
+                .map(|t| e.text_encoder().encode(t).unwrap().content_tokens)
+                .sum::<usize>()
+        })
     });
     group.finish();
 }
@@ -60,15 +77,19 @@ fn bench_encoder(c: &mut Criterion) {
         // Batch 1: one article of typical length.
         let (one, tokens) = take_tokens(&e, &texts[3..], 1);
         group.throughput(Throughput::Elements(tokens as u64));
-        group.bench_with_input(BenchmarkId::new("batch1", format!("{threads}threads")), &one, |b, one| {
-            b.iter(|| e.embed(one).unwrap())
-        });
+        group.bench_with_input(
+            BenchmarkId::new("batch1", format!("{threads}threads")),
+            &one,
+            |b, one| b.iter(|| e.embed(one).unwrap()),
+        );
         // A ~4k-token batch of articles of mixed length and language.
         let (many, tokens) = take_tokens(&e, &texts, 4096);
         group.throughput(Throughput::Elements(tokens as u64));
-        group.bench_with_input(BenchmarkId::new("batch4k", format!("{threads}threads")), &many, |b, many| {
-            b.iter(|| e.embed(many).unwrap())
-        });
+        group.bench_with_input(
+            BenchmarkId::new("batch4k", format!("{threads}threads")),
+            &many,
+            |b, many| b.iter(|| e.embed(many).unwrap()),
+        );
     }
     group.finish();
 }

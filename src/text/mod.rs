@@ -5,6 +5,7 @@
 //! input exactly. Special tokens and the `passage: ` prefix have no span. This module knows
 //! nothing of tensors.
 
+mod sentences;
 mod window;
 
 use std::ops::Range;
@@ -13,6 +14,7 @@ use std::path::Path;
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
+pub use sentences::sentence_spans;
 pub use window::{owning_window, plan_windows};
 
 /// A byte range `start..end` in the original text; `start <= end`, both on char boundaries.
