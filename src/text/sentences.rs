@@ -13,11 +13,13 @@ pub fn sentence_spans(text: &str) -> Vec<Span> {
     while let Some((i, c)) = chars.next() {
         let end_here = match c {
             '\n' | '\r' | '\u{2029}' => Some(i),
-            '.' | '!' | '?' | '…' | '؟' | '。' | '؛' | '!' | '?' => match chars.peek() {
-                Some(&(_, next)) if next.is_whitespace() => Some(i + c.len_utf8()),
-                None => Some(i + c.len_utf8()),
-                _ => None,
-            },
+            '.' | '!' | '?' | '…' | '؟' | '。' | '؛' | '\u{ff01}' | '\u{ff1f}' => {
+                match chars.peek() {
+                    Some(&(_, next)) if next.is_whitespace() => Some(i + c.len_utf8()),
+                    None => Some(i + c.len_utf8()),
+                    _ => None,
+                }
+            }
             _ => None,
         };
         if let Some(end) = end_here {
