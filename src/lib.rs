@@ -45,18 +45,24 @@
 //! ```
 #![deny(missing_docs)]
 
+mod analyzer;
 pub mod batch;
 pub mod device;
 mod embedder;
 pub mod encoder;
 mod error;
+pub mod heads;
 pub mod text;
+mod themes;
+pub mod train;
 pub mod weights;
 
 /// Re-exported so that users need not depend on candle to pick a device or dtype.
 pub use candle_core::{DType, Device};
+pub use analyzer::{default_heads_folder, Analysis, Analyzer, AnalyzerBuilder, Article};
 pub use embedder::{
     Embedder, EmbedderBuilder, Embeddings, TextStates, WindowStates, PASSAGE_PREFIX,
 };
 pub use error::{Error, Result};
+pub use themes::{Evidence, Theme, ThemeScore};
 pub use weights::ModelSource;

@@ -31,22 +31,17 @@ pub fn plan_windows(len: usize, capacity: usize, overlap: usize) -> Vec<Range<us
 /// token is seen by one or more windows, and the one where it has most context on both sides
 /// "owns" it. Returns the owning window's index per token.
 pub fn owning_window(windows: &[Range<usize>], len: usize) -> Vec<usize> {
-    let mut owner = vec![0usize; len];
-    for (t, slot) in owner.iter_mut().enumerate() {
-        let mut best = (usize::MAX, 0);
-        for (w, range) in windows.iter().enumerate() {
-            if range.contains(&t) {
-                let margin = (t - range.start).min(range.end - 1 - t);
-                // Prefer the larger margin: distance to the nearest window edge.
-                let score = usize::MAX - margin;
-                if score < best.0 {
-                    best = (score, w);
-                }
-            }
-        }
-        *slot = best.1;
-    }
-    owner
+    (0..len)
+        .map(|t| {
+            windows
+                .iter()
+                .enumerate()
+                .filter(|(_, range)| range.contains(&t))
+                // Distance to the nearest edge of the window; the largest wins, the first on ties.
+                .max_by_key(|&(w, range)| ((t - range.start).min(range.end - 1 - t), std::cmp::Reverse(w)))
+                .map_or(0, |(w, _)| w)
+        })
+        .collect()
 }
 
 #[cfg(test)]

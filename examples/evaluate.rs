@@ -1,0 +1,138 @@
+//! Scores the library against labelled data.
+//!
+//! ```text
+//! cargo run --release --example evaluate -- themes --input LABELLED.jsonl [--split dev]
+//! ```
+//! `themes`: objects with `id`, `text`, `labels` (and optionally `lang`, `story`); `--input` may
+//! also be a folder of such files. Prints per-theme precision/recall/F1, per-language macro-F1
+//! when `lang` is present, and last a line `macro_f1 <value>`. `--split dev|train` keeps only the
+//! stories of that side of the training split (see `themescan::train::is_dev_story`).
+//!
+//! `ner` (entity-level scoring of CoNLL files) arrives with the NER head.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use themescan::train::{is_dev_story, macro_f1, read_theme_examples, theme_metrics, ThemeExample};
+use themescan::{Analyzer, Article, ModelSource, Theme};
+
+#[derive(Parser)]
+#[command(about = "Evaluate themescan against labelled data")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Split {
+    All,
+    Train,
+    Dev,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Theme classification: per-theme P/R/F1 and macro-F1.
+    Themes {
+        /// A labelled JSONL file, or a folder of them.
+        #[arg(long)]
+        input: PathBuf,
+        /// Which stories to keep.
+        #[arg(long, value_enum, default_value = "all")]
+        split: Split,
+        /// Encoder model folder (default: models/multilingual-e5-small).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Heads folder (default: models/heads).
+        #[arg(long)]
+        heads: Option<PathBuf>,
+        /// Encoder threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Entity-level NER scoring of a CoNLL file (not yet available).
+    Ner {
+        #[arg(long)]
+        conll: PathBuf,
+        #[arg(long)]
+        predictions: Option<PathBuf>,
+    },
+}
+
+fn read_examples(input: &Path) -> Result<Vec<ThemeExample>> {
+    let files: Vec<PathBuf> = if input.is_dir() {
+        let mut f: Vec<PathBuf> = std::fs::read_dir(input)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+            .collect();
+        f.sort();
+        f
+    } else {
+        vec![input.to_path_buf()]
+    };
+    let mut out = Vec::new();
+    for f in files {
+        out.extend(read_theme_examples(&f).with_context(|| format!("reading {}", f.display()))?);
+    }
+    Ok(out)
+}
+
+fn main() -> Result<()> {
+    match Args::parse().command {
+        Command::Themes { input, split, model, heads, threads } => {
+            let examples: Vec<ThemeExample> = read_examples(&input)?
+                .into_iter()
+                .filter(|e| match split {
+                    Split::All => true,
+                    Split::Dev => is_dev_story(&e.story),
+                    Split::Train => !is_dev_story(&e.story),
+                })
+                .collect();
+            if examples.is_empty() {
+                bail!("no labelled examples in {}", input.display());
+            }
+            let mut builder = Analyzer::builder().model(model.map_or(ModelSource::Default, ModelSource::Folder));
+            if let Some(h) = heads {
+                builder = builder.heads(h);
+            }
+            if let Some(t) = threads {
+                builder = builder.threads(t);
+            }
+            let analyzer = builder.build()?;
+            let started = std::time::Instant::now();
+            let mut predicted = Vec::with_capacity(examples.len());
+            for chunk in examples.chunks(32) {
+                let articles: Vec<Article> = chunk.iter().map(|e| Article::new(&e.id, &e.text)).collect();
+                for a in analyzer.analyze_many(&articles)? {
+                    predicted.push(std::array::from_fn(|k| a.labels.contains(&Theme::ALL[k])));
+                }
+            }
+            let secs = started.elapsed().as_secs_f64();
+            let gold: Vec<[bool; 4]> = examples.iter().map(|e| e.flags()).collect();
+            let metrics = theme_metrics(&gold, &predicted);
+            println!("{} articles, {:.2} articles/s", examples.len(), examples.len() as f64 / secs.max(1e-9));
+            println!("{:<22} {:>9} {:>9} {:>9} {:>8}", "theme", "precision", "recall", "f1", "support");
+            for m in &metrics {
+                println!("{:<22} {:>9.3} {:>9.3} {:>9.3} {:>8}", m.theme.as_str(), m.precision, m.recall, m.f1, m.support);
+            }
+            let mut by_lang: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+            for (i, e) in examples.iter().enumerate() {
+                if !e.lang.is_empty() {
+                    by_lang.entry(e.lang.as_str()).or_default().push(i);
+                }
+            }
+            for (lang, rows) in &by_lang {
+                let g: Vec<_> = rows.iter().map(|&r| gold[r]).collect();
+                let p: Vec<_> = rows.iter().map(|&r| predicted[r]).collect();
+                println!("macro_f1[{lang}] {:.4} ({} articles)", macro_f1(&theme_metrics(&g, &p)), rows.len());
+            }
+            println!("macro_f1 {:.4}", macro_f1(&metrics));
+            Ok(())
+        }
+        Command::Ner { conll, .. } => {
+            bail!("evaluate ner ({}): the NER head is not built yet", conll.display())
+        }
+    }
+}

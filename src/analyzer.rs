@@ -1,0 +1,287 @@
+//! The public pipeline: articles in, [`Analysis`] out, from one encoder pass per window.
+//!
+//! Themes: each window's mean-pooled, normalised vector goes through the theme head; an
+//! article's score for a theme is the MAXIMUM over its windows. A theme counts when it is a
+//! substantial subject, and a whole window (up to ~500 tokens, several paragraphs) about it is
+//! substantial however long the rest of the article is; averaging would let long unrelated
+//! passages drown a clear section. Every window counts; none is dropped.
+//!
+//! Evidence: every sentence's vector is the mean of its tokens' hidden states, each token taken
+//! from the window where it has most context on both sides, from the same pass; the theme head
+//! scores it alone, and the best sentences of each reported theme are returned.
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use ndarray::Array1;
+
+use crate::embedder::{Embedder, EmbedderBuilder, TextStates};
+use crate::error::Result;
+use crate::heads::{ThemeCard, ThemeHead};
+use crate::text::{owning_window, sentence_spans, Span};
+use crate::themes::{Evidence, Theme, ThemeScore};
+use crate::weights::ModelSource;
+
+/// An article to analyse.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Article {
+    /// Caller's id, copied to the result.
+    pub id: String,
+    /// The text, page clutter and all.
+    pub text: String,
+    /// ISO 639-1 language code, if known (not needed: the encoder is multilingual).
+    #[serde(default)]
+    pub lang: Option<String>,
+}
+
+impl Article {
+    /// An article with an id and a text.
+    pub fn new(id: impl Into<String>, text: impl Into<String>) -> Self {
+        Article { id: id.into(), text: text.into(), lang: None }
+    }
+}
+
+/// What the analyser found in one article.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Analysis {
+    /// The article's id.
+    pub id: String,
+    /// All four themes with their scores, in [`Theme::ALL`] order.
+    pub themes: Vec<ThemeScore>,
+    /// The themes whose score reaches the head's tuned threshold.
+    pub labels: Vec<Theme>,
+    /// For each label, the sentences that carry it best, highest score first.
+    pub evidence: Vec<Evidence>,
+    /// Encoder windows the article took.
+    pub windows: usize,
+    /// Encoder tokens the article took, special and prefix tokens included.
+    pub tokens: usize,
+}
+
+/// Configures and loads an [`Analyzer`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct AnalyzerBuilder {
+    embedder: EmbedderBuilder,
+    heads: Option<PathBuf>,
+    evidence_per_theme: usize,
+}
+
+impl Default for AnalyzerBuilder {
+    fn default() -> Self {
+        AnalyzerBuilder { embedder: Embedder::builder(), heads: None, evidence_per_theme: 3 }
+    }
+}
+
+impl AnalyzerBuilder {
+    /// Where the encoder comes from. Default: [`ModelSource::Default`].
+    pub fn model(mut self, source: ModelSource) -> Self {
+        self.embedder = self.embedder.model(source);
+        self
+    }
+
+    /// Compute device. Default: CPU.
+    pub fn device(mut self, device: Device) -> Self {
+        self.embedder = self.embedder.device(device);
+        self
+    }
+
+    /// Encoder threads. Default: all cores.
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.embedder = self.embedder.threads(threads);
+        self
+    }
+
+    /// Padded tokens per encoder batch. See [`EmbedderBuilder::batch_tokens`].
+    pub fn batch_tokens(mut self, tokens: usize) -> Self {
+        self.embedder = self.embedder.batch_tokens(tokens);
+        self
+    }
+
+    /// Any other encoder setting, on the underlying [`EmbedderBuilder`].
+    pub fn embedder(mut self, f: impl FnOnce(EmbedderBuilder) -> EmbedderBuilder) -> Self {
+        self.embedder = f(self.embedder);
+        self
+    }
+
+    /// Folder with `themes.safetensors` and `themes.json`. Default: `models/heads/` of this
+    /// crate's source tree (trained heads are committed there).
+    pub fn heads(mut self, folder: impl Into<PathBuf>) -> Self {
+        self.heads = Some(folder.into());
+        self
+    }
+
+    /// Evidence sentences returned per reported theme. Default 3.
+    pub fn evidence_per_theme(mut self, n: usize) -> Self {
+        self.evidence_per_theme = n;
+        self
+    }
+
+    /// Loads the encoder and the heads.
+    ///
+    /// # Errors
+    /// As [`EmbedderBuilder::build`]; [`crate::Error::ModelFolder`] if the heads are missing;
+    /// [`crate::Error::Setting`] if the head was trained for another hidden size.
+    pub fn build(self) -> Result<Analyzer> {
+        let embedder = self.embedder.build()?;
+        let folder = self.heads.unwrap_or_else(default_heads_folder);
+        let device = Device::Cpu;
+        let (theme_head, card) = ThemeHead::from_folder(&folder, &device)?;
+        if card.input_size != embedder.hidden_size() {
+            return Err(crate::Error::Setting(format!(
+                "the theme head in {} takes vectors of {} but the encoder gives {}",
+                folder.display(),
+                card.input_size,
+                embedder.hidden_size()
+            )));
+        }
+        Ok(Analyzer { embedder, theme_head, card, head_device: device, evidence_per_theme: self.evidence_per_theme })
+    }
+}
+
+/// The heads folder committed with the crate.
+pub fn default_heads_folder() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join("heads")
+}
+
+/// Finds themes (and their evidence) in articles. Cheap to clone; `Send + Sync`.
+///
+/// # Example
+/// ```no_run
+/// # fn main() -> themescan::Result<()> {
+/// use themescan::{Analyzer, Article};
+///
+/// let analyzer = Analyzer::builder().threads(2).build()?;
+/// let analysis = analyzer.analyze(&Article::new("a1", "Europol en Belgische speurders haalden propagandakanalen offline."))?;
+/// for label in &analysis.labels {
+///     println!("{label}");
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Analyzer {
+    embedder: Embedder,
+    theme_head: ThemeHead,
+    card: ThemeCard,
+    head_device: Device,
+    evidence_per_theme: usize,
+}
+
+impl Analyzer {
+    /// A builder with the defaults.
+    pub fn builder() -> AnalyzerBuilder {
+        AnalyzerBuilder::default()
+    }
+
+    /// The encoder underneath.
+    pub fn embedder(&self) -> &Embedder {
+        &self.embedder
+    }
+
+    /// The theme head's card (thresholds, training data, dev metrics).
+    pub fn theme_card(&self) -> &ThemeCard {
+        &self.card
+    }
+
+    /// Analyses one article.
+    ///
+    /// # Errors
+    /// As [`Embedder::embed`].
+    pub fn analyze(&self, article: &Article) -> Result<Analysis> {
+        Ok(self.analyze_many(std::slice::from_ref(article))?.remove(0))
+    }
+
+    /// Analyses many articles; their windows are packed together into encoder batches.
+    ///
+    /// # Errors
+    /// As [`Embedder::embed`]; no result is returned for any article then.
+    pub fn analyze_many(&self, articles: &[Article]) -> Result<Vec<Analysis>> {
+        let texts: Vec<&str> = articles.iter().map(|a| a.text.as_str()).collect();
+        let states = self.embedder.token_states(&texts)?;
+        articles.iter().zip(&states).map(|(article, s)| self.analyze_states(article, s)).collect()
+    }
+
+    fn analyze_states(&self, article: &Article, states: &TextStates) -> Result<Analysis> {
+        let h = self.embedder.hidden_size();
+        // Window scores: one head call over every window's normalised mean.
+        let mut rows = Vec::with_capacity(states.windows.len() * h);
+        for w in &states.windows {
+            rows.extend(normalised(&w.mean));
+        }
+        let window_probs = self.theme_head.probabilities(&rows, h, &self.head_device)?;
+        let mut article_probs = [0f32; 4];
+        for p in &window_probs {
+            for (a, &b) in article_probs.iter_mut().zip(p) {
+                *a = a.max(b);
+            }
+        }
+        let themes: Vec<ThemeScore> =
+            Theme::ALL.iter().map(|&theme| ThemeScore { theme, score: article_probs[theme.index()] }).collect();
+        let labels: Vec<Theme> = Theme::ALL
+            .into_iter()
+            .filter(|t| article_probs[t.index()] >= self.card.thresholds[t.index()])
+            .collect();
+        let evidence = if labels.is_empty() { Vec::new() } else { self.evidence(&article.text, states, &labels)? };
+        Ok(Analysis {
+            id: article.id.clone(),
+            themes,
+            labels,
+            evidence,
+            windows: states.windows.len(),
+            tokens: states.windows.iter().map(|w| w.ids.len()).sum(),
+        })
+    }
+
+    /// Scores every sentence alone and keeps the best ones for each label.
+    fn evidence(&self, text: &str, states: &TextStates, labels: &[Theme]) -> Result<Vec<Evidence>> {
+        let h = self.embedder.hidden_size();
+        let sentences = sentence_spans(text);
+        let ranges: Vec<_> = states.windows.iter().map(|w| w.content.clone()).collect();
+        let owner = owning_window(&ranges, states.content_tokens);
+        // Sum of hidden states and token count per sentence; tokens and sentences both ascend.
+        let mut sums = vec![0f32; sentences.len() * h];
+        let mut counts = vec![0usize; sentences.len()];
+        let mut s = 0;
+        for (t, &w) in owner.iter().enumerate() {
+            let window = &states.windows[w];
+            let row = window.content_offset + (t - window.content.start);
+            let Some(span) = window.spans[row] else { continue };
+            while s < sentences.len() && sentences[s].end <= span.start {
+                s += 1;
+            }
+            if s == sentences.len() {
+                break;
+            }
+            if span.end > sentences[s].start {
+                let state = window.hidden.row(row);
+                sums[s * h..(s + 1) * h].iter_mut().zip(state.iter()).for_each(|(a, b)| *a += b);
+                counts[s] += 1;
+            }
+        }
+        let kept: Vec<usize> = (0..sentences.len()).filter(|&i| counts[i] > 0).collect();
+        let mut rows = Vec::with_capacity(kept.len() * h);
+        for &i in &kept {
+            let mean = Array1::from(sums[i * h..(i + 1) * h].to_vec()) / counts[i] as f32;
+            rows.extend(normalised(&mean));
+        }
+        let probs = self.theme_head.probabilities(&rows, h, &self.head_device)?;
+        let mut evidence = Vec::new();
+        for &theme in labels {
+            let mut scored: Vec<(Span, f32)> =
+                kept.iter().zip(&probs).map(|(&i, p)| (sentences[i], p[theme.index()])).collect();
+            scored.sort_by(|a, b| b.1.total_cmp(&a.1));
+            evidence.extend(
+                scored
+                    .into_iter()
+                    .take(self.evidence_per_theme)
+                    .map(|(span, score)| Evidence { theme, start: span.start, end: span.end, score }),
+            );
+        }
+        Ok(evidence)
+    }
+}
+
+fn normalised(v: &Array1<f32>) -> Vec<f32> {
+    let norm = v.dot(v).sqrt().max(1e-12);
+    v.iter().map(|x| x / norm).collect()
+}

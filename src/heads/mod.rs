@@ -1,0 +1,7 @@
+//! Small heads on top of the encoder's output: the theme head (pooled vectors → theme logits).
+//! Heads are candle-nn modules stored as safetensors with a JSON card; they know nothing of
+//! files beyond their own, or of devices beyond the one they are given.
+
+pub mod theme;
+
+pub use theme::{ThemeCard, ThemeHead, ThemeMetrics};

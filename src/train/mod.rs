@@ -1,0 +1,179 @@
+//! Readers for labelled data and the metrics that judge the heads.
+//!
+//! - [`read_theme_examples`]: the JSONL theme data (`id`, `text`, `labels`, optional `lang`,
+//!   `story`), with the file and line of any bad record in the error.
+//! - [`is_dev_story`]: the held-out split, by story, stable across runs and machines.
+//! - [`theme_metrics`], [`macro_f1`], [`best_threshold`]: precision/recall/F1 per theme.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::heads::ThemeMetrics;
+use crate::themes::Theme;
+
+/// One labelled article for the theme head.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct ThemeExample {
+    /// Unique id.
+    pub id: String,
+    /// ISO 639-1 code; `""` when absent.
+    #[serde(default)]
+    pub lang: String,
+    /// The article.
+    pub text: String,
+    /// Themes it carries.
+    pub labels: Vec<Theme>,
+    /// Story id: variants of one story share it and fall on the same side of the split.
+    #[serde(default)]
+    pub story: String,
+}
+
+impl ThemeExample {
+    /// The labels as one flag per theme, in [`Theme::ALL`] order.
+    pub fn flags(&self) -> [bool; 4] {
+        let mut f = [false; 4];
+        for t in &self.labels {
+            f[t.index()] = true;
+        }
+        f
+    }
+}
+
+/// Reads labelled theme examples from a JSONL file.
+///
+/// # Errors
+/// [`Error::Io`] if unreadable; [`Error::Config`] naming the line of the first bad record.
+pub fn read_theme_examples(path: &Path) -> Result<Vec<ThemeExample>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let mut ex: ThemeExample = serde_json::from_str(line).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            message: format!("line {}: {e}", i + 1),
+        })?;
+        if ex.story.is_empty() {
+            ex.story = ex.id.clone();
+        }
+        out.push(ex);
+    }
+    Ok(out)
+}
+
+/// Whether a story belongs to the dev split: about one story in five, chosen by a hash of the
+/// story id (FNV-1a), so the split never depends on file order or on the machine.
+pub fn is_dev_story(story: &str) -> bool {
+    story_hash(story) % 5 == 0
+}
+
+/// For cross-validation inside the training split: the fold (`0..folds`) of a story, chosen
+/// by the same hash as [`is_dev_story`] but independent of it.
+pub fn story_fold(story: &str, folds: usize) -> usize {
+    ((story_hash(story) / 5) % folds as u64) as usize
+}
+
+fn story_hash(story: &str) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in story.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+/// Precision, recall and F1 per theme for predicted against gold flags.
+pub fn theme_metrics(gold: &[[bool; 4]], predicted: &[[bool; 4]]) -> Vec<ThemeMetrics> {
+    Theme::ALL
+        .iter()
+        .map(|&theme| {
+            let k = theme.index();
+            let (mut tp, mut fp, mut fn_) = (0usize, 0usize, 0usize);
+            for (g, p) in gold.iter().zip(predicted) {
+                match (g[k], p[k]) {
+                    (true, true) => tp += 1,
+                    (false, true) => fp += 1,
+                    (true, false) => fn_ += 1,
+                    (false, false) => {}
+                }
+            }
+            let (precision, recall, f1) = prf(tp, fp, fn_);
+            ThemeMetrics { theme, precision, recall, f1, support: tp + fn_ }
+        })
+        .collect()
+}
+
+/// Precision, recall, F1 from counts; 0 where undefined, except that a theme absent from both
+/// gold and predictions scores 1 (nothing to find, nothing wrongly found).
+pub fn prf(tp: usize, fp: usize, fn_: usize) -> (f64, f64, f64) {
+    if tp + fp + fn_ == 0 {
+        return (1.0, 1.0, 1.0);
+    }
+    let p = if tp + fp == 0 { 0.0 } else { tp as f64 / (tp + fp) as f64 };
+    let r = if tp + fn_ == 0 { 0.0 } else { tp as f64 / (tp + fn_) as f64 };
+    let f = if p + r == 0.0 { 0.0 } else { 2.0 * p * r / (p + r) };
+    (p, r, f)
+}
+
+/// Mean F1 over the themes.
+pub fn macro_f1(metrics: &[ThemeMetrics]) -> f64 {
+    metrics.iter().map(|m| m.f1).sum::<f64>() / metrics.len().max(1) as f64
+}
+
+/// The threshold on `scores` that maximises F1 against `gold` (ties: the one nearest 0.5).
+pub fn best_threshold(scores: &[f32], gold: &[bool]) -> f32 {
+    let mut best = (f64::MIN, 0.5f32);
+    for step in 1..100 {
+        let t = step as f32 / 100.0;
+        let (mut tp, mut fp, mut fn_) = (0, 0, 0);
+        for (&s, &g) in scores.iter().zip(gold) {
+            match (g, s >= t) {
+                (true, true) => tp += 1,
+                (false, true) => fp += 1,
+                (true, false) => fn_ += 1,
+                _ => {}
+            }
+        }
+        let f = prf(tp, fp, fn_).2;
+        let better = f > best.0 + 1e-12 || ((f - best.0).abs() <= 1e-12 && (t - 0.5).abs() < (best.1 - 0.5).abs());
+        if better {
+            best = (f, t);
+        }
+    }
+    best.1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_match_hand_counts() {
+        let gold = [[true, false, false, false], [true, true, false, false], [false, false, false, false]];
+        let pred = [[true, false, false, false], [false, true, true, false], [true, false, false, false]];
+        let m = theme_metrics(&gold, &pred);
+        // recruitment: tp 1, fp 1, fn 1.
+        assert_eq!((m[0].precision, m[0].recall, m[0].f1), (0.5, 0.5, 0.5));
+        // takedown: tp 1.
+        assert_eq!(m[1].f1, 1.0);
+        // foreign_interference: fp 1 only.
+        assert_eq!(m[2].f1, 0.0);
+        // financing: absent everywhere.
+        assert_eq!(m[3].f1, 1.0);
+        assert!((macro_f1(&m) - 0.625).abs() < 1e-12);
+    }
+
+    #[test]
+    fn threshold_separates_perfectly_separable_scores() {
+        let t = best_threshold(&[0.1, 0.2, 0.7, 0.9], &[false, false, true, true]);
+        assert!(t > 0.2 && t <= 0.7, "{t}");
+    }
+
+    #[test]
+    fn dev_split_is_stable_and_about_a_fifth() {
+        let dev = (0..1000).filter(|i| is_dev_story(&format!("s{i}"))).count();
+        assert!((150..250).contains(&dev), "{dev}");
+        assert_eq!(is_dev_story("nl-s001"), is_dev_story("nl-s001"));
+    }
+}
