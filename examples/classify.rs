@@ -59,7 +59,10 @@ struct OutputLine<'a> {
     error: Option<&'a str>,
 }
 
-fn parse_line(line: std::io::Result<String>, number: usize) -> (Option<String>, Result<String, String>) {
+fn parse_line(
+    line: std::io::Result<String>,
+    number: usize,
+) -> (Option<String>, Result<String, String>) {
     let line = match line {
         Ok(l) => l,
         Err(e) => return (None, Err(format!("line {number}: unreadable: {e}"))),
@@ -69,21 +72,34 @@ fn parse_line(line: std::io::Result<String>, number: usize) -> (Option<String>, 
         Err(e) => return (None, Err(format!("line {number}: invalid JSON: {e}"))),
     };
     let id = value.get("id").and_then(|v| v.as_str()).map(str::to_string);
-    let text = value.get("text").and_then(|v| v.as_str()).map(str::to_string);
+    let text = value
+        .get("text")
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
     match (id, text) {
-        (None, _) => (None, Err(format!("line {number}: missing string field `id`"))),
-        (Some(id), None) => (Some(id), Err(format!("line {number}: missing string field `text`"))),
+        (None, _) => (
+            None,
+            Err(format!("line {number}: missing string field `id`")),
+        ),
+        (Some(id), None) => (
+            Some(id),
+            Err(format!("line {number}: missing string field `text`")),
+        ),
         (Some(id), Some(text)) => (Some(id), Ok(text)),
     }
 }
 
 /// Analyses a chunk in one call; if that fails, one by one, so a failure stays with its record.
-fn analyze_isolating_failures(analyzer: &Analyzer, articles: &[Article]) -> Vec<Result<Analysis, String>> {
+fn analyze_isolating_failures(
+    analyzer: &Analyzer,
+    articles: &[Article],
+) -> Vec<Result<Analysis, String>> {
     match analyzer.analyze_many(articles) {
         Ok(all) => all.into_iter().map(Ok).collect(),
-        Err(_) if articles.len() > 1 => {
-            articles.iter().map(|a| analyzer.analyze(a).map_err(|e| format!("{e:#}"))).collect()
-        }
+        Err(_) if articles.len() > 1 => articles
+            .iter()
+            .map(|a| analyzer.analyze(a).map_err(|e| format!("{e:#}")))
+            .collect(),
         Err(e) => vec![Err(format!("{e:#}"))],
     }
 }
@@ -91,7 +107,11 @@ fn analyze_isolating_failures(analyzer: &Analyzer, articles: &[Article]) -> Vec<
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut builder = Analyzer::builder()
-        .model(args.model.clone().map_or(ModelSource::Default, ModelSource::Folder))
+        .model(
+            args.model
+                .clone()
+                .map_or(ModelSource::Default, ModelSource::Folder),
+        )
         .device(themescan::device::select_device(&args.device)?);
     if let Some(h) = &args.heads {
         builder = builder.heads(h);
@@ -107,13 +127,17 @@ fn main() -> anyhow::Result<()> {
     let reader: Box<dyn BufRead> = if args.input.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
     } else {
-        let f = std::fs::File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?;
+        let f = std::fs::File::open(&args.input)
+            .with_context(|| format!("opening {}", args.input.display()))?;
         Box::new(std::io::BufReader::new(f))
     };
     let writer: Box<dyn Write> = if args.output.as_os_str() == "-" {
         Box::new(std::io::stdout().lock())
     } else {
-        Box::new(std::fs::File::create(&args.output).with_context(|| format!("creating {}", args.output.display()))?)
+        Box::new(
+            std::fs::File::create(&args.output)
+                .with_context(|| format!("creating {}", args.output.display()))?,
+        )
     };
     let mut writer = BufWriter::new(writer);
 
@@ -122,7 +146,11 @@ fn main() -> anyhow::Result<()> {
     let mut per_theme = [0usize; 4];
     let mut lines = reader.lines().enumerate().peekable();
     while lines.peek().is_some() {
-        let chunk: Vec<_> = lines.by_ref().take(args.chunk.max(1)).map(|(i, l)| parse_line(l, i + 1)).collect();
+        let chunk: Vec<_> = lines
+            .by_ref()
+            .take(args.chunk.max(1))
+            .map(|(i, l)| parse_line(l, i + 1))
+            .collect();
         let articles: Vec<Article> = chunk
             .iter()
             .filter_map(|(id, text)| Some(Article::new(id.clone()?, text.as_ref().ok()?.clone())))
@@ -167,8 +195,10 @@ fn main() -> anyhow::Result<()> {
     writer.flush()?;
     if !args.quiet {
         let secs = started.elapsed().as_secs_f64().max(1e-9);
-        let themes: Vec<String> =
-            Theme::ALL.iter().map(|t| format!("{t} {}", per_theme[t.index()])).collect();
+        let themes: Vec<String> = Theme::ALL
+            .iter()
+            .map(|t| format!("{t} {}", per_theme[t.index()]))
+            .collect();
         eprintln!(
             "classify: {records} records, {failed} errors, {:.2} articles/s, {:.0} tokens/s; labels: {}",
             (records - failed) as f64 / secs,

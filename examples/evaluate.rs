@@ -81,7 +81,13 @@ fn read_examples(input: &Path) -> Result<Vec<ThemeExample>> {
 
 fn main() -> Result<()> {
     match Args::parse().command {
-        Command::Themes { input, split, model, heads, threads } => {
+        Command::Themes {
+            input,
+            split,
+            model,
+            heads,
+            threads,
+        } => {
             let examples: Vec<ThemeExample> = read_examples(&input)?
                 .into_iter()
                 .filter(|e| match split {
@@ -93,7 +99,8 @@ fn main() -> Result<()> {
             if examples.is_empty() {
                 bail!("no labelled examples in {}", input.display());
             }
-            let mut builder = Analyzer::builder().model(model.map_or(ModelSource::Default, ModelSource::Folder));
+            let mut builder =
+                Analyzer::builder().model(model.map_or(ModelSource::Default, ModelSource::Folder));
             if let Some(h) = heads {
                 builder = builder.heads(h);
             }
@@ -104,7 +111,8 @@ fn main() -> Result<()> {
             let started = std::time::Instant::now();
             let mut predicted = Vec::with_capacity(examples.len());
             for chunk in examples.chunks(32) {
-                let articles: Vec<Article> = chunk.iter().map(|e| Article::new(&e.id, &e.text)).collect();
+                let articles: Vec<Article> =
+                    chunk.iter().map(|e| Article::new(&e.id, &e.text)).collect();
                 for a in analyzer.analyze_many(&articles)? {
                     predicted.push(std::array::from_fn(|k| a.labels.contains(&Theme::ALL[k])));
                 }
@@ -112,10 +120,24 @@ fn main() -> Result<()> {
             let secs = started.elapsed().as_secs_f64();
             let gold: Vec<[bool; 4]> = examples.iter().map(|e| e.flags()).collect();
             let metrics = theme_metrics(&gold, &predicted);
-            println!("{} articles, {:.2} articles/s", examples.len(), examples.len() as f64 / secs.max(1e-9));
-            println!("{:<22} {:>9} {:>9} {:>9} {:>8}", "theme", "precision", "recall", "f1", "support");
+            println!(
+                "{} articles, {:.2} articles/s",
+                examples.len(),
+                examples.len() as f64 / secs.max(1e-9)
+            );
+            println!(
+                "{:<22} {:>9} {:>9} {:>9} {:>8}",
+                "theme", "precision", "recall", "f1", "support"
+            );
             for m in &metrics {
-                println!("{:<22} {:>9.3} {:>9.3} {:>9.3} {:>8}", m.theme.as_str(), m.precision, m.recall, m.f1, m.support);
+                println!(
+                    "{:<22} {:>9.3} {:>9.3} {:>9.3} {:>8}",
+                    m.theme.as_str(),
+                    m.precision,
+                    m.recall,
+                    m.f1,
+                    m.support
+                );
             }
             let mut by_lang: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
             for (i, e) in examples.iter().enumerate() {
@@ -126,13 +148,20 @@ fn main() -> Result<()> {
             for (lang, rows) in &by_lang {
                 let g: Vec<_> = rows.iter().map(|&r| gold[r]).collect();
                 let p: Vec<_> = rows.iter().map(|&r| predicted[r]).collect();
-                println!("macro_f1[{lang}] {:.4} ({} articles)", macro_f1(&theme_metrics(&g, &p)), rows.len());
+                println!(
+                    "macro_f1[{lang}] {:.4} ({} articles)",
+                    macro_f1(&theme_metrics(&g, &p)),
+                    rows.len()
+                );
             }
             println!("macro_f1 {:.4}", macro_f1(&metrics));
             Ok(())
         }
         Command::Ner { conll, .. } => {
-            bail!("evaluate ner ({}): the NER head is not built yet", conll.display())
+            bail!(
+                "evaluate ner ({}): the NER head is not built yet",
+                conll.display()
+            )
         }
     }
 }

@@ -1,10 +1,13 @@
 //! The public pipeline: articles in, [`Analysis`] out, from one encoder pass per window.
 //!
-//! Themes: each window's mean-pooled, normalised vector goes through the theme head; an
-//! article's score for a theme is the MAXIMUM over its windows. A theme counts when it is a
-//! substantial subject, and a whole window (up to ~500 tokens, several paragraphs) about it is
-//! substantial however long the rest of the article is; averaging would let long unrelated
-//! passages drown a clear section. Every window counts; none is dropped.
+//! Themes: each window's pooled token states go through the theme head; an article's score for
+//! a theme is the MEAN OF ITS TWO HIGHEST WINDOW SCORES (the single score when it has one
+//! window). A theme counts when it is a substantial subject, not a passing mention: a whole
+//! window (up to ~500 tokens) strongly about it qualifies however long the article is, and so
+//! does a theme present in two windows; one window that merely leans towards a theme in an
+//! article about something else does not. Averaging all windows instead would let long
+//! unrelated passages drown a clear section; taking the maximum would let one ambiguous
+//! paragraph decide. Every window is scored; none is dropped.
 //!
 //! Evidence: every sentence's vector is the mean of its tokens' hidden states, each token taken
 //! from the window where it has most context on both sides, from the same pass; the theme head
@@ -13,7 +16,6 @@
 use std::path::PathBuf;
 
 use candle_core::Device;
-use ndarray::Array1;
 
 use crate::embedder::{Embedder, EmbedderBuilder, TextStates};
 use crate::error::Result;
@@ -37,7 +39,11 @@ pub struct Article {
 impl Article {
     /// An article with an id and a text.
     pub fn new(id: impl Into<String>, text: impl Into<String>) -> Self {
-        Article { id: id.into(), text: text.into(), lang: None }
+        Article {
+            id: id.into(),
+            text: text.into(),
+            lang: None,
+        }
     }
 }
 
@@ -69,7 +75,11 @@ pub struct AnalyzerBuilder {
 
 impl Default for AnalyzerBuilder {
     fn default() -> Self {
-        AnalyzerBuilder { embedder: Embedder::builder(), heads: None, evidence_per_theme: 3 }
+        AnalyzerBuilder {
+            embedder: Embedder::builder(),
+            heads: None,
+            evidence_per_theme: 3,
+        }
     }
 }
 
@@ -127,21 +137,31 @@ impl AnalyzerBuilder {
         let folder = self.heads.unwrap_or_else(default_heads_folder);
         let device = Device::Cpu;
         let (theme_head, card) = ThemeHead::from_folder(&folder, &device)?;
-        if card.input_size != embedder.hidden_size() {
+        if card.input_size != card.pooling.output_size(embedder.hidden_size()) {
             return Err(crate::Error::Setting(format!(
-                "the theme head in {} takes vectors of {} but the encoder gives {}",
+                "the theme head in {} takes vectors of {} but {:?} pooling of the encoder's {} gives {}",
                 folder.display(),
                 card.input_size,
-                embedder.hidden_size()
+                card.pooling,
+                embedder.hidden_size(),
+                card.pooling.output_size(embedder.hidden_size())
             )));
         }
-        Ok(Analyzer { embedder, theme_head, card, head_device: device, evidence_per_theme: self.evidence_per_theme })
+        Ok(Analyzer {
+            embedder,
+            theme_head,
+            card,
+            head_device: device,
+            evidence_per_theme: self.evidence_per_theme,
+        })
     }
 }
 
 /// The heads folder committed with the crate.
 pub fn default_heads_folder() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join("heads")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join("heads")
 }
 
 /// Finds themes (and their evidence) in articles. Cheap to clone; `Send + Sync`.
@@ -198,30 +218,42 @@ impl Analyzer {
     pub fn analyze_many(&self, articles: &[Article]) -> Result<Vec<Analysis>> {
         let texts: Vec<&str> = articles.iter().map(|a| a.text.as_str()).collect();
         let states = self.embedder.token_states(&texts)?;
-        articles.iter().zip(&states).map(|(article, s)| self.analyze_states(article, s)).collect()
+        articles
+            .iter()
+            .zip(&states)
+            .map(|(article, s)| self.analyze_states(article, s))
+            .collect()
     }
 
     fn analyze_states(&self, article: &Article, states: &TextStates) -> Result<Analysis> {
         let h = self.embedder.hidden_size();
-        // Window scores: one head call over every window's normalised mean.
-        let mut rows = Vec::with_capacity(states.windows.len() * h);
+        let width = self.card.input_size;
+        // Window scores: one head call over every window's pooled states.
+        let mut rows = Vec::with_capacity(states.windows.len() * width);
         for w in &states.windows {
-            rows.extend(normalised(&w.mean));
+            self.card.pooling.pool(w.hidden.outer_iter(), h, &mut rows);
         }
-        let window_probs = self.theme_head.probabilities(&rows, h, &self.head_device)?;
-        let mut article_probs = [0f32; 4];
-        for p in &window_probs {
-            for (a, &b) in article_probs.iter_mut().zip(p) {
-                *a = a.max(b);
-            }
-        }
-        let themes: Vec<ThemeScore> =
-            Theme::ALL.iter().map(|&theme| ThemeScore { theme, score: article_probs[theme.index()] }).collect();
+        let window_probs = self
+            .theme_head
+            .probabilities(&rows, width, &self.head_device)?;
+        let article_probs: [f32; 4] =
+            std::array::from_fn(|k| top_two_mean(window_probs.iter().map(|p| p[k])));
+        let themes: Vec<ThemeScore> = Theme::ALL
+            .iter()
+            .map(|&theme| ThemeScore {
+                theme,
+                score: article_probs[theme.index()],
+            })
+            .collect();
         let labels: Vec<Theme> = Theme::ALL
             .into_iter()
             .filter(|t| article_probs[t.index()] >= self.card.thresholds[t.index()])
             .collect();
-        let evidence = if labels.is_empty() { Vec::new() } else { self.evidence(&article.text, states, &labels)? };
+        let evidence = if labels.is_empty() {
+            Vec::new()
+        } else {
+            self.evidence(&article.text, states, &labels)?
+        };
         Ok(Analysis {
             id: article.id.clone(),
             themes,
@@ -238,14 +270,15 @@ impl Analyzer {
         let sentences = sentence_spans(text);
         let ranges: Vec<_> = states.windows.iter().map(|w| w.content.clone()).collect();
         let owner = owning_window(&ranges, states.content_tokens);
-        // Sum of hidden states and token count per sentence; tokens and sentences both ascend.
-        let mut sums = vec![0f32; sentences.len() * h];
-        let mut counts = vec![0usize; sentences.len()];
+        // Each sentence's tokens as (window, row) pairs; tokens and sentences both ascend.
+        let mut members: Vec<Vec<(usize, usize)>> = vec![Vec::new(); sentences.len()];
         let mut s = 0;
         for (t, &w) in owner.iter().enumerate() {
             let window = &states.windows[w];
             let row = window.content_offset + (t - window.content.start);
-            let Some(span) = window.spans[row] else { continue };
+            let Some(span) = window.spans[row] else {
+                continue;
+            };
             while s < sentences.len() && sentences[s].end <= span.start {
                 s += 1;
             }
@@ -253,35 +286,72 @@ impl Analyzer {
                 break;
             }
             if span.end > sentences[s].start {
-                let state = window.hidden.row(row);
-                sums[s * h..(s + 1) * h].iter_mut().zip(state.iter()).for_each(|(a, b)| *a += b);
-                counts[s] += 1;
+                members[s].push((w, row));
             }
         }
-        let kept: Vec<usize> = (0..sentences.len()).filter(|&i| counts[i] > 0).collect();
-        let mut rows = Vec::with_capacity(kept.len() * h);
+        let kept: Vec<usize> = (0..sentences.len())
+            .filter(|&i| !members[i].is_empty())
+            .collect();
+        let width = self.card.input_size;
+        let mut rows = Vec::with_capacity(kept.len() * width);
         for &i in &kept {
-            let mean = Array1::from(sums[i * h..(i + 1) * h].to_vec()) / counts[i] as f32;
-            rows.extend(normalised(&mean));
+            let states_of = members[i]
+                .iter()
+                .map(|&(w, row)| states.windows[w].hidden.row(row));
+            self.card.pooling.pool(states_of, h, &mut rows);
         }
-        let probs = self.theme_head.probabilities(&rows, h, &self.head_device)?;
+        let probs = self
+            .theme_head
+            .probabilities(&rows, width, &self.head_device)?;
         let mut evidence = Vec::new();
         for &theme in labels {
-            let mut scored: Vec<(Span, f32)> =
-                kept.iter().zip(&probs).map(|(&i, p)| (sentences[i], p[theme.index()])).collect();
+            let mut scored: Vec<(Span, f32)> = kept
+                .iter()
+                .zip(&probs)
+                .map(|(&i, p)| (sentences[i], p[theme.index()]))
+                .collect();
             scored.sort_by(|a, b| b.1.total_cmp(&a.1));
-            evidence.extend(
-                scored
-                    .into_iter()
-                    .take(self.evidence_per_theme)
-                    .map(|(span, score)| Evidence { theme, start: span.start, end: span.end, score }),
-            );
+            evidence.extend(scored.into_iter().take(self.evidence_per_theme).map(
+                |(span, score)| Evidence {
+                    theme,
+                    start: span.start,
+                    end: span.end,
+                    score,
+                },
+            ));
         }
         Ok(evidence)
     }
 }
 
-fn normalised(v: &Array1<f32>) -> Vec<f32> {
-    let norm = v.dot(v).sqrt().max(1e-12);
-    v.iter().map(|x| x / norm).collect()
+/// Mean of the two largest values (the value itself when there is one; 0 when none).
+fn top_two_mean(values: impl Iterator<Item = f32>) -> f32 {
+    let (mut first, mut second, mut n) = (f32::NEG_INFINITY, f32::NEG_INFINITY, 0);
+    for v in values {
+        n += 1;
+        if v > first {
+            second = first;
+            first = v;
+        } else if v > second {
+            second = v;
+        }
+    }
+    match n {
+        0 => 0.0,
+        1 => first,
+        _ => (first + second) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top_two_mean;
+
+    #[test]
+    fn top_two_mean_rule() {
+        assert_eq!(top_two_mean([0.9].into_iter()), 0.9);
+        assert_eq!(top_two_mean([0.1, 0.9, 0.5].into_iter()), 0.7);
+        assert_eq!(top_two_mean([0.2, 0.2].into_iter()), 0.2);
+        assert_eq!(top_two_mean(std::iter::empty()), 0.0);
+    }
 }

@@ -57,9 +57,9 @@ mod themes;
 pub mod train;
 pub mod weights;
 
+pub use analyzer::{default_heads_folder, Analysis, Analyzer, AnalyzerBuilder, Article};
 /// Re-exported so that users need not depend on candle to pick a device or dtype.
 pub use candle_core::{DType, Device};
-pub use analyzer::{default_heads_folder, Analysis, Analyzer, AnalyzerBuilder, Article};
 pub use embedder::{
     Embedder, EmbedderBuilder, Embeddings, TextStates, WindowStates, PASSAGE_PREFIX,
 };

@@ -6,7 +6,9 @@ use std::str::FromStr;
 use crate::error::Error;
 
 /// An extremism-related theme an article can carry (multi-label: several, or none).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Theme {
     /// Extremist or terrorist groups recruiting, radicalising, inciting or spreading propaganda.
@@ -21,7 +23,12 @@ pub enum Theme {
 
 impl Theme {
     /// Every theme, in the order of the theme head's outputs.
-    pub const ALL: [Theme; 4] = [Theme::Recruitment, Theme::Takedown, Theme::ForeignInterference, Theme::Financing];
+    pub const ALL: [Theme; 4] = [
+        Theme::Recruitment,
+        Theme::Takedown,
+        Theme::ForeignInterference,
+        Theme::Financing,
+    ];
 
     /// The snake_case name used in JSON (`foreign_interference`).
     pub fn as_str(self) -> &'static str {
@@ -87,7 +94,10 @@ mod tests {
     fn names_round_trip_and_match_serde() {
         for t in Theme::ALL {
             assert_eq!(t.as_str().parse::<Theme>().unwrap(), t);
-            assert_eq!(serde_json::to_string(&t).unwrap(), format!("\"{}\"", t.as_str()));
+            assert_eq!(
+                serde_json::to_string(&t).unwrap(),
+                format!("\"{}\"", t.as_str())
+            );
             assert_eq!(Theme::ALL[t.index()], t);
         }
         assert!("terrorism".parse::<Theme>().is_err());

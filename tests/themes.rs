@@ -12,7 +12,11 @@ use themescan::text::sentence_spans;
 use themescan::{Analyzer, Article, ModelSource, Theme};
 
 fn analyzer() -> Analyzer {
-    Analyzer::builder().model(ModelSource::Folder(default_model_folder())).threads(2).build().expect("analyzer loads")
+    Analyzer::builder()
+        .model(ModelSource::Folder(default_model_folder()))
+        .threads(2)
+        .build()
+        .expect("analyzer loads")
 }
 
 #[derive(serde::Deserialize)]
@@ -25,9 +29,15 @@ struct Seed {
 
 fn seeds() -> Vec<Seed> {
     let path = repo_path("../shared/seeds/articles.jsonl");
-    let data = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (the seed articles live in ../shared/seeds beside the repo)", path.display()));
-    data.lines().map(|l| serde_json::from_str(l).expect("seed article")).collect()
+    let data = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (the seed articles live in ../shared/seeds beside the repo)",
+            path.display()
+        )
+    });
+    data.lines()
+        .map(|l| serde_json::from_str(l).expect("seed article"))
+        .collect()
 }
 
 /// Issue 3: every seed article gets all its primary themes and nothing outside primary ∪ allowed.
@@ -42,10 +52,25 @@ fn seed_articles_get_their_themes() {
     for (seed, got) in seeds.iter().zip(&results) {
         let labels: HashSet<Theme> = got.labels.iter().copied().collect();
         let ok_set: HashSet<Theme> = seed.primary.iter().chain(&seed.allowed).copied().collect();
-        let missing: Vec<_> = seed.primary.iter().filter(|t| !labels.contains(t)).collect();
+        let missing: Vec<_> = seed
+            .primary
+            .iter()
+            .filter(|t| !labels.contains(t))
+            .collect();
         let extra: Vec<_> = labels.iter().filter(|t| !ok_set.contains(t)).collect();
-        let scores: Vec<String> = got.themes.iter().map(|s| format!("{} {:.2}", s.theme, s.score)).collect();
-        eprintln!("{}: labels {:?} primary {:?} allowed {:?} [{}]", seed.id, got.labels, seed.primary, seed.allowed, scores.join(", "));
+        let scores: Vec<String> = got
+            .themes
+            .iter()
+            .map(|s| format!("{} {:.2}", s.theme, s.score))
+            .collect();
+        eprintln!(
+            "{}: labels {:?} primary {:?} allowed {:?} [{}]",
+            seed.id,
+            got.labels,
+            seed.primary,
+            seed.allowed,
+            scores.join(", ")
+        );
         if !missing.is_empty() || !extra.is_empty() {
             wrong.push(format!("{}: missing {missing:?}, extra {extra:?}", seed.id));
         }
@@ -60,16 +85,42 @@ fn evidence_offsets_slice_the_original_text() {
     let analyzer = analyzer();
     let seeds = seeds();
     for seed in &seeds {
-        let analysis = analyzer.analyze(&Article::new(&seed.id, &seed.text)).unwrap();
-        let sentences: HashSet<(usize, usize)> = sentence_spans(&seed.text).iter().map(|s| (s.start, s.end)).collect();
+        let analysis = analyzer
+            .analyze(&Article::new(&seed.id, &seed.text))
+            .unwrap();
+        let sentences: HashSet<(usize, usize)> = sentence_spans(&seed.text)
+            .iter()
+            .map(|s| (s.start, s.end))
+            .collect();
         for ev in &analysis.evidence {
-            assert!(analysis.labels.contains(&ev.theme), "{}: evidence for unreported {}", seed.id, ev.theme);
-            assert!(seed.text.get(ev.start..ev.end).is_some(), "{}: {}..{} not on char boundaries", seed.id, ev.start, ev.end);
-            assert!(sentences.contains(&(ev.start, ev.end)), "{}: {}..{} is not a sentence", seed.id, ev.start, ev.end);
+            assert!(
+                analysis.labels.contains(&ev.theme),
+                "{}: evidence for unreported {}",
+                seed.id,
+                ev.theme
+            );
+            assert!(
+                seed.text.get(ev.start..ev.end).is_some(),
+                "{}: {}..{} not on char boundaries",
+                seed.id,
+                ev.start,
+                ev.end
+            );
+            assert!(
+                sentences.contains(&(ev.start, ev.end)),
+                "{}: {}..{} is not a sentence",
+                seed.id,
+                ev.start,
+                ev.end
+            );
             assert!((0.0..=1.0).contains(&ev.score));
         }
         for label in &analysis.labels {
-            assert!(analysis.evidence.iter().any(|e| e.theme == *label), "{}: no evidence for {label}", seed.id);
+            assert!(
+                analysis.evidence.iter().any(|e| e.theme == *label),
+                "{}: no evidence for {label}",
+                seed.id
+            );
         }
     }
 }
@@ -78,22 +129,47 @@ fn evidence_offsets_slice_the_original_text() {
 #[test]
 fn long_article_is_fully_covered() {
     let seed = &seeds()[0];
-    let filler = texts().into_iter().find(|t| t.id == "nl-long").unwrap().text;
+    let filler = texts()
+        .into_iter()
+        .find(|t| t.id == "nl-long")
+        .unwrap()
+        .text;
     // The themed article at the END, after ~4,700 tokens of unrelated council news.
-    let filler = format!("{}\n\n{}\n\n{}", filler, filler.replace("gemeente", "stad"), filler.replace("raad", "gemeenteraad"));
+    let filler = format!(
+        "{}\n\n{}\n\n{}",
+        filler,
+        filler.replace("gemeente", "stad"),
+        filler.replace("raad", "gemeenteraad")
+    );
     let text = format!("{filler}\n\n{}", seed.text);
     let filler_text = format!("{filler}\n\n{filler}");
     let analyzer = analyzer();
-    let results = analyzer.analyze_many(&[Article::new("long", text.clone()), Article::new("plain", filler_text)]).unwrap();
+    let results = analyzer
+        .analyze_many(&[
+            Article::new("long", text.clone()),
+            Article::new("plain", filler_text),
+        ])
+        .unwrap();
     let (long, plain) = (&results[0], &results[1]);
     assert!(long.tokens > 5000, "only {} tokens", long.tokens);
     assert!(long.windows >= 10);
     for t in &seed_primary(seed) {
-        assert!(long.labels.contains(t), "theme {t} at the end of a long article was lost: {:?}", long.themes);
+        assert!(
+            long.labels.contains(t),
+            "theme {t} at the end of a long article was lost: {:?}",
+            long.themes
+        );
     }
-    assert!(plain.labels.is_empty(), "council news got {:?}", plain.labels);
+    assert!(
+        plain.labels.is_empty(),
+        "council news got {:?}",
+        plain.labels
+    );
     let tail_start = text.len() - seed.text.len();
-    assert!(long.evidence.iter().any(|e| e.start >= tail_start), "evidence should point into the last part");
+    assert!(
+        long.evidence.iter().any(|e| e.start >= tail_start),
+        "evidence should point into the last part"
+    );
 }
 
 fn seed_primary(seed: &Seed) -> Vec<Theme> {
@@ -101,9 +177,17 @@ fn seed_primary(seed: &Seed) -> Vec<Theme> {
 }
 
 fn example_binary(name: &str) -> PathBuf {
-    let deps = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
+    let deps = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let bin = deps.parent().unwrap().join("examples").join(name);
-    assert!(bin.is_file(), "{} missing: `cargo test` builds the examples", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} missing: `cargo test` builds the examples",
+        bin.display()
+    );
     bin
 }
 
@@ -124,27 +208,72 @@ fn classify_keeps_the_jsonl_contract() {
     ];
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let status = std::process::Command::new(example_binary("classify"))
-        .args(["--input", input.to_str().unwrap(), "--output", output.to_str().unwrap(), "--threads", "2", "--quiet"])
+        .args([
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--threads",
+            "2",
+            "--quiet",
+        ])
         .env("THEMESCAN_MODEL_DIR", default_model_folder())
         .status()
         .unwrap();
     assert_eq!(status.code(), Some(1), "bad lines make the exit status 1");
-    let out: Vec<serde_json::Value> =
-        std::fs::read_to_string(&output).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let out: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(out.len(), lines.len());
     let ids: Vec<Option<&str>> = out.iter().map(|v| v["id"].as_str()).collect();
-    assert_eq!(ids, [Some("a"), Some("b"), Some("c"), None, None, Some("d")]);
+    assert_eq!(
+        ids,
+        [Some("a"), Some("b"), Some("c"), None, None, Some("d")]
+    );
     for (i, v) in out.iter().enumerate() {
         let error = v["error"].as_str();
         let expect_error = matches!(i, 2..=4);
         assert_eq!(error.is_some(), expect_error, "line {i}: {v}");
-        assert!(v["entities"].as_array().is_some_and(|a| a.is_empty()), "line {i}: entities");
+        assert!(
+            v["entities"].as_array().is_some_and(|a| a.is_empty()),
+            "line {i}: entities"
+        );
         if !expect_error {
-            let themes: Vec<&str> = v["themes"].as_array().unwrap().iter().map(|t| t["theme"].as_str().unwrap()).collect();
-            assert_eq!(themes, ["recruitment", "takedown", "foreign_interference", "financing"]);
+            let themes: Vec<&str> = v["themes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["theme"].as_str().unwrap())
+                .collect();
+            assert_eq!(
+                themes,
+                [
+                    "recruitment",
+                    "takedown",
+                    "foreign_interference",
+                    "financing"
+                ]
+            );
         }
     }
-    assert!(out[2]["error"].as_str().unwrap().contains("line 3") && out[4]["error"].as_str().unwrap().contains("invalid JSON"));
-    assert!(out[0]["labels"].as_array().unwrap().iter().any(|l| l == "takedown"), "{}", out[0]);
-    assert!(out[5]["labels"].as_array().unwrap().is_empty(), "{}", out[5]);
+    assert!(
+        out[2]["error"].as_str().unwrap().contains("line 3")
+            && out[4]["error"].as_str().unwrap().contains("invalid JSON")
+    );
+    assert!(
+        out[0]["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l == "takedown"),
+        "{}",
+        out[0]
+    );
+    assert!(
+        out[5]["labels"].as_array().unwrap().is_empty(),
+        "{}",
+        out[5]
+    );
 }

@@ -4,4 +4,4 @@
 
 pub mod theme;
 
-pub use theme::{ThemeCard, ThemeHead, ThemeMetrics};
+pub use theme::{Pooling, ThemeCard, ThemeHead, ThemeMetrics};

@@ -14,6 +14,59 @@ pub const THEME_HEAD_WEIGHTS: &str = "themes.safetensors";
 /// File name of the theme head's card.
 pub const THEME_HEAD_CARD: &str = "themes.json";
 
+/// How a run of token states becomes the theme head's input vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// The L2-normalised mean of the states (e5's own sentence embedding).
+    #[default]
+    Mean,
+    /// The normalised mean followed by the normalised element-wise maximum: the maximum keeps
+    /// the strongest single-token signals ("recruit", "offline gehaald") that a mean dilutes.
+    MeanMax,
+}
+
+impl Pooling {
+    /// Width of the pooled vector for states of width `hidden`.
+    pub fn output_size(self, hidden: usize) -> usize {
+        match self {
+            Pooling::Mean => hidden,
+            Pooling::MeanMax => 2 * hidden,
+        }
+    }
+
+    /// Pools `rows` (token states, each `hidden` wide) into `out`.
+    pub fn pool<'a>(
+        self,
+        rows: impl Iterator<Item = ndarray::ArrayView1<'a, f32>> + Clone,
+        hidden: usize,
+        out: &mut Vec<f32>,
+    ) {
+        let mut mean = vec![0f32; hidden];
+        let mut max = vec![f32::NEG_INFINITY; hidden];
+        let mut n = 0usize;
+        for row in rows {
+            n += 1;
+            for ((m, x), v) in mean.iter_mut().zip(max.iter_mut()).zip(row.iter()) {
+                *m += v;
+                *x = x.max(*v);
+            }
+        }
+        push_normalised(&mean, out);
+        if self == Pooling::MeanMax {
+            if n == 0 {
+                max.fill(0.0);
+            }
+            push_normalised(&max, out);
+        }
+    }
+}
+
+fn push_normalised(v: &[f32], out: &mut Vec<f32>) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    out.extend(v.iter().map(|x| x / norm));
+}
+
 /// Per-theme precision, recall and F1 on a labelled set.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ThemeMetrics {
@@ -35,10 +88,16 @@ pub struct ThemeMetrics {
 pub struct ThemeCard {
     /// Output order of the head; must equal [`Theme::ALL`].
     pub labels: Vec<Theme>,
-    /// Width of the input vectors (the encoder's hidden size).
+    /// Width of the input vectors ([`Pooling::output_size`] of the encoder's hidden size).
     pub input_size: usize,
+    /// How token states are pooled into the input vector.
+    #[serde(default)]
+    pub pooling: Pooling,
     /// Width of the hidden layer; 0 for a plain linear head.
     pub hidden_size: usize,
+    /// Members of the ensemble whose logits are averaged (each `m{i}.` in the weights).
+    #[serde(default = "one")]
+    pub members: usize,
     /// Probability above which each theme (in `labels` order) is reported, tuned on dev.
     pub thresholds: Vec<f32>,
     /// The encoder the head was trained on.
@@ -61,6 +120,10 @@ pub struct ThemeCard {
     pub dev_macro_f1_by_language: std::collections::BTreeMap<String, f64>,
 }
 
+fn one() -> usize {
+    1
+}
+
 impl ThemeCard {
     /// Reads and checks a card.
     ///
@@ -76,43 +139,89 @@ impl ThemeCard {
         if card.labels != Theme::ALL {
             return Err(Error::Config {
                 path: path.to_path_buf(),
-                message: format!("labels {:?} do not match the themes {:?}", card.labels, Theme::ALL),
+                message: format!(
+                    "labels {:?} do not match the themes {:?}",
+                    card.labels,
+                    Theme::ALL
+                ),
             });
         }
         if card.thresholds.len() != card.labels.len() {
             return Err(Error::Config {
                 path: path.to_path_buf(),
-                message: format!("{} thresholds for {} labels", card.thresholds.len(), card.labels.len()),
+                message: format!(
+                    "{} thresholds for {} labels",
+                    card.thresholds.len(),
+                    card.labels.len()
+                ),
             });
         }
         Ok(card)
     }
 }
 
-/// A pooled vector → theme logits.
+/// One MLP (or linear layer) from a pooled vector to theme logits.
 #[derive(Debug, Clone)]
-pub struct ThemeHead {
+struct Member {
     hidden: Option<Linear>,
     output: Linear,
 }
 
+impl Member {
+    fn load(vb: VarBuilder<'_>, input_size: usize, hidden_size: usize) -> Result<Self> {
+        let labels = Theme::ALL.len();
+        Ok(if hidden_size == 0 {
+            Member {
+                hidden: None,
+                output: candle_nn::linear(input_size, labels, vb.pp("output"))?,
+            }
+        } else {
+            Member {
+                hidden: Some(candle_nn::linear(input_size, hidden_size, vb.pp("hidden"))?),
+                output: candle_nn::linear(hidden_size, labels, vb.pp("output"))?,
+            }
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = match &self.hidden {
+            Some(h) => h.forward(x)?.gelu_erf()?,
+            None => x.clone(),
+        };
+        Ok(self.output.forward(&x)?)
+    }
+}
+
+/// A pooled vector → theme logits: the mean of the logits of an ensemble of small MLPs, each
+/// trained from another seed on another sample of the data (smoother, steadier scores than one).
+#[derive(Debug, Clone)]
+pub struct ThemeHead {
+    members: Vec<Member>,
+}
+
 impl ThemeHead {
-    /// Builds the head under `vb` (`hidden`, `output`), for training (a `VarMap`) or
-    /// inference (safetensors).
+    /// Builds a head of `members` MLPs under `vb` (`m0.hidden`, `m0.output`, `m1.…`), for
+    /// training (a `VarMap`) or inference (safetensors).
     ///
     /// # Errors
     /// A tensor error if a weight is missing or misshapen.
-    pub fn load(vb: VarBuilder<'_>, input_size: usize, hidden_size: usize) -> Result<Self> {
-        let labels = Theme::ALL.len();
-        let (hidden, output) = if hidden_size == 0 {
-            (None, candle_nn::linear(input_size, labels, vb.pp("output"))?)
-        } else {
-            (
-                Some(candle_nn::linear(input_size, hidden_size, vb.pp("hidden"))?),
-                candle_nn::linear(hidden_size, labels, vb.pp("output"))?,
-            )
-        };
-        Ok(ThemeHead { hidden, output })
+    pub fn load(
+        vb: VarBuilder<'_>,
+        input_size: usize,
+        hidden_size: usize,
+        members: usize,
+    ) -> Result<Self> {
+        let members = (0..members.max(1))
+            .map(|i| Member::load(vb.pp(format!("m{i}")), input_size, hidden_size))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ThemeHead { members })
+    }
+
+    /// The head made of member `i` alone, sharing its weights (for training members one by one).
+    pub fn member(&self, i: usize) -> Option<ThemeHead> {
+        self.members.get(i).map(|m| ThemeHead {
+            members: vec![m.clone()],
+        })
     }
 
     /// Loads `themes.safetensors` and `themes.json` from `folder`.
@@ -137,24 +246,32 @@ impl ThemeHead {
         let card = ThemeCard::read(&card_path)?;
         let data = std::fs::read(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
         let vb = VarBuilder::from_buffered_safetensors(data, DType::F32, device)?;
-        let head = ThemeHead::load(vb, card.input_size, card.hidden_size).map_err(|e| Error::Tensor {
-            name: weights_path.display().to_string(),
-            message: format!("does not match its card: {e}"),
-        })?;
+        let head =
+            ThemeHead::load(vb, card.input_size, card.hidden_size, card.members).map_err(|e| {
+                Error::Tensor {
+                    name: weights_path.display().to_string(),
+                    message: format!("does not match its card: {e}"),
+                }
+            })?;
         Ok((head, card))
     }
 
-    /// Logits `[rows, 4]` for pooled vectors `[rows, input]`.
+    /// Logits `[rows, 4]` for pooled vectors `[rows, input]`: the members' mean.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = match &self.hidden {
-            Some(h) => h.forward(x)?.gelu_erf()?,
-            None => x.clone(),
-        };
-        Ok(self.output.forward(&x)?)
+        let mut sum = self.members[0].forward(x)?;
+        for m in &self.members[1..] {
+            sum = (sum + m.forward(x)?)?;
+        }
+        Ok((sum / self.members.len() as f64)?)
     }
 
     /// Probabilities (sigmoid of the logits) for host vectors, row-major `[rows, input]`.
-    pub fn probabilities(&self, rows: &[f32], input_size: usize, device: &Device) -> Result<Vec<[f32; 4]>> {
+    pub fn probabilities(
+        &self,
+        rows: &[f32],
+        input_size: usize,
+        device: &Device,
+    ) -> Result<Vec<[f32; 4]>> {
         let n = rows.len() / input_size.max(1);
         if n == 0 {
             return Ok(Vec::new());

@@ -38,7 +38,12 @@ pub fn owning_window(windows: &[Range<usize>], len: usize) -> Vec<usize> {
                 .enumerate()
                 .filter(|(_, range)| range.contains(&t))
                 // Distance to the nearest edge of the window; the largest wins, the first on ties.
-                .max_by_key(|&(w, range)| ((t - range.start).min(range.end - 1 - t), std::cmp::Reverse(w)))
+                .max_by_key(|&(w, range)| {
+                    (
+                        (t - range.start).min(range.end - 1 - t),
+                        std::cmp::Reverse(w),
+                    )
+                })
                 .map_or(0, |(w, _)| w)
         })
         .collect()

@@ -99,7 +99,13 @@ pub fn theme_metrics(gold: &[[bool; 4]], predicted: &[[bool; 4]]) -> Vec<ThemeMe
                 }
             }
             let (precision, recall, f1) = prf(tp, fp, fn_);
-            ThemeMetrics { theme, precision, recall, f1, support: tp + fn_ }
+            ThemeMetrics {
+                theme,
+                precision,
+                recall,
+                f1,
+                support: tp + fn_,
+            }
         })
         .collect()
 }
@@ -110,9 +116,21 @@ pub fn prf(tp: usize, fp: usize, fn_: usize) -> (f64, f64, f64) {
     if tp + fp + fn_ == 0 {
         return (1.0, 1.0, 1.0);
     }
-    let p = if tp + fp == 0 { 0.0 } else { tp as f64 / (tp + fp) as f64 };
-    let r = if tp + fn_ == 0 { 0.0 } else { tp as f64 / (tp + fn_) as f64 };
-    let f = if p + r == 0.0 { 0.0 } else { 2.0 * p * r / (p + r) };
+    let p = if tp + fp == 0 {
+        0.0
+    } else {
+        tp as f64 / (tp + fp) as f64
+    };
+    let r = if tp + fn_ == 0 {
+        0.0
+    } else {
+        tp as f64 / (tp + fn_) as f64
+    };
+    let f = if p + r == 0.0 {
+        0.0
+    } else {
+        2.0 * p * r / (p + r)
+    };
     (p, r, f)
 }
 
@@ -136,7 +154,8 @@ pub fn best_threshold(scores: &[f32], gold: &[bool]) -> f32 {
             }
         }
         let f = prf(tp, fp, fn_).2;
-        let better = f > best.0 + 1e-12 || ((f - best.0).abs() <= 1e-12 && (t - 0.5).abs() < (best.1 - 0.5).abs());
+        let better = f > best.0 + 1e-12
+            || ((f - best.0).abs() <= 1e-12 && (t - 0.5).abs() < (best.1 - 0.5).abs());
         if better {
             best = (f, t);
         }
@@ -150,8 +169,16 @@ mod tests {
 
     #[test]
     fn metrics_match_hand_counts() {
-        let gold = [[true, false, false, false], [true, true, false, false], [false, false, false, false]];
-        let pred = [[true, false, false, false], [false, true, true, false], [true, false, false, false]];
+        let gold = [
+            [true, false, false, false],
+            [true, true, false, false],
+            [false, false, false, false],
+        ];
+        let pred = [
+            [true, false, false, false],
+            [false, true, true, false],
+            [true, false, false, false],
+        ];
         let m = theme_metrics(&gold, &pred);
         // recruitment: tp 1, fp 1, fn 1.
         assert_eq!((m[0].precision, m[0].recall, m[0].f1), (0.5, 0.5, 0.5));
