@@ -65,7 +65,7 @@ pub fn read_theme_examples(path: &Path) -> Result<Vec<ThemeExample>> {
 /// Whether a story belongs to the dev split: about one story in five, chosen by a hash of the
 /// story id (FNV-1a), so the split never depends on file order or on the machine.
 pub fn is_dev_story(story: &str) -> bool {
-    story_hash(story) % 5 == 0
+    story_hash(story).is_multiple_of(5)
 }
 
 /// For cross-validation inside the training split: the fold (`0..folds`) of a story, chosen
