@@ -5,7 +5,8 @@
 //! ```
 //! IN: objects with string fields `id` and `text` (others ignored). OUT: `{"id", "themes":
 //! [{"theme","score"}] (all four), "labels", "evidence": [{"theme","start","end","score"}],
-//! "entities": [], "error": null | "message"}`; `start`/`end` are byte offsets into `text`.
+//! "entities": [{"text","label","start","end","score"}], "error": null | "message"}`;
+//! `start`/`end` are byte offsets into `text`.
 //! A bad line gets an `error` line and the run goes on; the exit status is 1 if any failed.
 
 use std::io::{BufRead, BufWriter, Write};
@@ -15,6 +16,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use serde::Serialize;
+use themescan::entities::Entity;
 use themescan::{Analysis, Analyzer, Article, Evidence, ModelSource, Theme, ThemeScore};
 
 #[derive(Parser)]
@@ -55,7 +57,7 @@ struct OutputLine<'a> {
     themes: &'a [ThemeScore],
     labels: &'a [Theme],
     evidence: &'a [Evidence],
-    entities: [(); 0],
+    entities: &'a [Entity],
     error: Option<&'a str>,
 }
 
@@ -171,7 +173,7 @@ fn main() -> anyhow::Result<()> {
                         themes: &a.themes,
                         labels: &a.labels,
                         evidence: &a.evidence,
-                        entities: [],
+                        entities: &a.entities,
                         error: None,
                     };
                     serde_json::to_writer(&mut writer, &line)?;
@@ -183,7 +185,7 @@ fn main() -> anyhow::Result<()> {
                         themes: &[],
                         labels: &[],
                         evidence: &[],
-                        entities: [],
+                        entities: &[],
                         error: Some(e),
                     };
                     serde_json::to_writer(&mut writer, &line)?;

@@ -8,13 +8,20 @@
 //! when `lang` is present, and last a line `macro_f1 <value>`. `--split dev|train` keeps only the
 //! stories of that side of the training split (see `themescan::train::is_dev_story`).
 //!
-//! `ner` (entity-level scoring of CoNLL files) arrives with the NER head.
+//! ```text
+//! cargo run --release --example evaluate -- ner --conll FILE [--predictions OUT.conll]
+//! ```
+//! `ner`: entity-level precision/recall/F1 per type (exact span and type, the conlleval
+//! definition) and last a line `micro_f1 <value>`; `--predictions` writes every token as
+//! `token TAB gold TAB predicted`, sentences separated by blank lines, in the input's order.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use themescan::entities::Tag;
+use themescan::train::conll::{read_conll, score_entities};
 use themescan::train::{is_dev_story, macro_f1, read_theme_examples, theme_metrics, ThemeExample};
 use themescan::{Analyzer, Article, ModelSource, Theme};
 
@@ -52,12 +59,23 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
-    /// Entity-level NER scoring of a CoNLL file (not yet available).
+    /// Entity-level NER scoring of a CoNLL file (`token TAB tag`, blank line between sentences).
     Ner {
+        /// The gold CoNLL file.
         #[arg(long)]
         conll: PathBuf,
+        /// Also write `token TAB gold TAB predicted` lines here.
         #[arg(long)]
         predictions: Option<PathBuf>,
+        /// Encoder model folder (default: models/multilingual-e5-small).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Heads folder (default: models/heads).
+        #[arg(long)]
+        heads: Option<PathBuf>,
+        /// Encoder threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
     },
 }
 
@@ -157,11 +175,66 @@ fn main() -> Result<()> {
             println!("macro_f1 {:.4}", macro_f1(&metrics));
             Ok(())
         }
-        Command::Ner { conll, .. } => {
-            bail!(
-                "evaluate ner ({}): the NER head is not built yet",
-                conll.display()
-            )
+        Command::Ner {
+            conll,
+            predictions,
+            model,
+            heads,
+            threads,
+        } => {
+            let sentences = read_conll(&conll)?;
+            let mut builder =
+                Analyzer::builder().model(model.map_or(ModelSource::Default, ModelSource::Folder));
+            if let Some(h) = heads {
+                builder = builder.heads(h);
+            }
+            if let Some(t) = threads {
+                builder = builder.threads(t);
+            }
+            let analyzer = builder.build()?;
+            if analyzer.ner_card().is_none() {
+                bail!("the heads folder has no NER head (ner.json, ner.safetensors)");
+            }
+            let started = std::time::Instant::now();
+            let mut predicted = Vec::with_capacity(sentences.len());
+            for chunk in sentences.chunks(64) {
+                let words: Vec<Vec<String>> = chunk.iter().map(|s| s.tokens.clone()).collect();
+                predicted.extend(analyzer.tag_words(&words)?);
+            }
+            let gold: Vec<Vec<Tag>> = sentences.iter().map(|s| s.tags.clone()).collect();
+            let scores = score_entities(&gold, &predicted);
+            let words: usize = gold.iter().map(Vec::len).sum();
+            let rate = words as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            println!(
+                "{} sentences, {words} tokens, {rate:.0} tokens/s",
+                sentences.len()
+            );
+            println!(
+                "{:<6} {:>9} {:>9} {:>9} {:>8}",
+                "type", "precision", "recall", "f1", "gold"
+            );
+            for (label, s) in &scores.per_label {
+                println!(
+                    "{:<6} {:>9.3} {:>9.3} {:>9.3} {:>8}",
+                    label.as_str(),
+                    s.precision(),
+                    s.recall(),
+                    s.f1(),
+                    s.gold
+                );
+            }
+            if let Some(out) = predictions {
+                let mut text = String::new();
+                for ((s, g), p) in sentences.iter().zip(&gold).zip(&predicted) {
+                    for ((tok, g), p) in s.tokens.iter().zip(g).zip(p) {
+                        text.push_str(&format!("{tok}\t{g}\t{p}\n"));
+                    }
+                    text.push('\n');
+                }
+                std::fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
+            }
+            println!("micro_f1 {:.4}", scores.micro.f1());
+            Ok(())
         }
     }
 }

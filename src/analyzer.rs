@@ -18,10 +18,13 @@ use std::path::PathBuf;
 use candle_core::Device;
 
 use crate::embedder::{Embedder, EmbedderBuilder, TextStates};
+use crate::entities::{group_entities, repair_bio, Entity, EntityGroup, Tag};
 use crate::error::Result;
+use crate::heads::ner::{NerCard, NerHead, NER_HEAD_CARD};
 use crate::heads::{ThemeCard, ThemeHead};
 use crate::text::{owning_window, sentence_spans, Span};
 use crate::themes::{Evidence, Theme, ThemeScore};
+use crate::train::conll::entity_spans;
 use crate::weights::ModelSource;
 
 /// An article to analyse.
@@ -58,6 +61,10 @@ pub struct Analysis {
     pub labels: Vec<Theme>,
     /// For each label, the sentences that carry it best, highest score first.
     pub evidence: Vec<Evidence>,
+    /// Named-entity mentions in text order (empty when the heads folder has no NER head).
+    pub entities: Vec<Entity>,
+    /// The mentions grouped by surface form and type.
+    pub entity_groups: Vec<EntityGroup>,
     /// Encoder windows the article took.
     pub windows: usize,
     /// Encoder tokens the article took, special and prefix tokens included.
@@ -137,6 +144,20 @@ impl AnalyzerBuilder {
         let folder = self.heads.unwrap_or_else(default_heads_folder);
         let device = Device::Cpu;
         let (theme_head, card) = ThemeHead::from_folder(&folder, &device)?;
+        let ner = if folder.join(NER_HEAD_CARD).is_file() {
+            let (head, card) = NerHead::from_folder(&folder, &device)?;
+            if card.input_size != embedder.hidden_size() {
+                return Err(crate::Error::Setting(format!(
+                    "the NER head in {} takes states of {} but the encoder gives {}",
+                    folder.display(),
+                    card.input_size,
+                    embedder.hidden_size()
+                )));
+            }
+            Some((head, card))
+        } else {
+            None
+        };
         if card.input_size != card.pooling.output_size(embedder.hidden_size()) {
             return Err(crate::Error::Setting(format!(
                 "the theme head in {} takes vectors of {} but {:?} pooling of the encoder's {} gives {}",
@@ -151,6 +172,7 @@ impl AnalyzerBuilder {
             embedder,
             theme_head,
             card,
+            ner,
             head_device: device,
             evidence_per_theme: self.evidence_per_theme,
         })
@@ -183,6 +205,7 @@ pub struct Analyzer {
     embedder: Embedder,
     theme_head: ThemeHead,
     card: ThemeCard,
+    ner: Option<(NerHead, NerCard)>,
     head_device: Device,
     evidence_per_theme: usize,
 }
@@ -254,14 +277,128 @@ impl Analyzer {
         } else {
             self.evidence(&article.text, states, &labels)?
         };
+        let entities = self.entities_from_states(&article.text, states)?;
+        let entity_groups = group_entities(&entities);
         Ok(Analysis {
             id: article.id.clone(),
             themes,
             labels,
             evidence,
+            entities,
+            entity_groups,
             windows: states.windows.len(),
             tokens: states.windows.iter().map(|w| w.ids.len()).sum(),
         })
+    }
+
+    /// The NER head's card, if the heads folder has one.
+    pub fn ner_card(&self) -> Option<&NerCard> {
+        self.ner.as_ref().map(|(_, c)| c)
+    }
+
+    /// Named-entity mentions in `text`, with byte offsets into it (empty without an NER head).
+    ///
+    /// # Errors
+    /// As [`Embedder::embed`].
+    pub fn entities(&self, text: &str) -> Result<Vec<Entity>> {
+        let states = self.embedder.token_states(&[text])?;
+        self.entities_from_states(text, &states[0])
+    }
+
+    /// BIO tags for sentences given as words (as in a CoNLL file): the words are joined by
+    /// single spaces, encoded, and each word is tagged from its first sub-token, as in training.
+    /// Returns `O` everywhere without an NER head.
+    ///
+    /// # Errors
+    /// As [`Embedder::embed`].
+    pub fn tag_words(&self, sentences: &[Vec<String>]) -> Result<Vec<Vec<Tag>>> {
+        let Some((head, _)) = &self.ner else {
+            return Ok(sentences.iter().map(|s| vec![Tag::O; s.len()]).collect());
+        };
+        let texts: Vec<String> = sentences.iter().map(|s| s.join(" ")).collect();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let states = self.embedder.token_states(&refs)?;
+        let h = self.embedder.hidden_size();
+        let mut out = Vec::with_capacity(sentences.len());
+        for (words, state) in sentences.iter().zip(&states) {
+            let mut rows: Vec<f32> = Vec::with_capacity(words.len() * h);
+            let mut start = 0;
+            for w in words {
+                let (ws, we) = (start, start + w.len());
+                start = we + 1;
+                let row = state.windows.iter().find_map(|win| {
+                    win.spans
+                        .iter()
+                        .position(|sp| sp.is_some_and(|sp| sp.start >= ws && sp.start < we))
+                        .map(|r| win.hidden.row(r))
+                });
+                match row {
+                    Some(r) => rows.extend(r.iter()),
+                    None => rows.extend(std::iter::repeat_n(0f32, h)),
+                }
+            }
+            if words.is_empty() {
+                out.push(Vec::new());
+                continue;
+            }
+            let x = candle_core::Tensor::from_vec(rows, (words.len(), h), &self.head_device)?;
+            let best: Vec<u32> = head
+                .forward(&x)?
+                .argmax(candle_core::D::Minus1)?
+                .to_vec1()?;
+            let mut tags: Vec<Tag> = best
+                .into_iter()
+                .map(|i| Tag::from_index(i as usize).expect("head outputs Tag::COUNT scores"))
+                .collect();
+            repair_bio(&mut tags);
+            out.push(tags);
+        }
+        Ok(out)
+    }
+
+    /// Tags words from the hidden state of their first sub-token, each token taken from the
+    /// window where it has most context (so overlapping windows yield no duplicates).
+    fn entities_from_states(&self, text: &str, states: &TextStates) -> Result<Vec<Entity>> {
+        let Some((head, _)) = &self.ner else {
+            return Ok(Vec::new());
+        };
+        let words = words(text, states);
+        if words.is_empty() {
+            return Ok(Vec::new());
+        }
+        let h = self.embedder.hidden_size();
+        let mut rows: Vec<f32> = Vec::with_capacity(words.len() * h);
+        for w in &words {
+            rows.extend(states.windows[w.first.0].hidden.row(w.first.1).iter());
+        }
+        let x = candle_core::Tensor::from_vec(rows, (words.len(), h), &self.head_device)?;
+        let probs: Vec<Vec<f32>> =
+            candle_nn::ops::softmax_last_dim(&head.forward(&x)?)?.to_vec2()?;
+        let mut tags: Vec<Tag> = Vec::with_capacity(words.len());
+        let mut scores = Vec::with_capacity(words.len());
+        for p in &probs {
+            let (best, score) =
+                p.iter()
+                    .copied()
+                    .enumerate()
+                    .fold((0, f32::MIN), |a, b| if b.1 > a.1 { b } else { a });
+            tags.push(Tag::from_index(best).expect("head outputs Tag::COUNT scores"));
+            scores.push(score);
+        }
+        repair_bio(&mut tags);
+        Ok(entity_spans(&tags)
+            .into_iter()
+            .map(|(a, b, label)| {
+                let (start, end) = (words[a].start, words[b - 1].end);
+                Entity {
+                    text: text[start..end].to_string(),
+                    label,
+                    start,
+                    end,
+                    score: scores[a..b].iter().sum::<f32>() / (b - a) as f32,
+                }
+            })
+            .collect())
     }
 
     /// Scores every sentence alone and keeps the best ones for each label.
@@ -322,6 +459,48 @@ impl Analyzer {
         }
         Ok(evidence)
     }
+}
+
+/// A word: a run of sub-tokens with no gap between them, punctuation on its own.
+struct Word {
+    start: usize,
+    end: usize,
+    /// (window, row) of the first sub-token.
+    first: (usize, usize),
+}
+
+fn words(text: &str, states: &TextStates) -> Vec<Word> {
+    let ranges: Vec<_> = states.windows.iter().map(|w| w.content.clone()).collect();
+    let owner = owning_window(&ranges, states.content_tokens);
+    let is_punct = |s: &str| !s.is_empty() && s.chars().all(|c| !c.is_alphanumeric());
+    let mut words: Vec<Word> = Vec::new();
+    let mut prev_punct = false;
+    for (t, &w) in owner.iter().enumerate() {
+        let window = &states.windows[w];
+        let row = window.content_offset + (t - window.content.start);
+        let Some(span) = window.spans[row] else {
+            continue;
+        };
+        // XLM-R's lone "▁" token can span nothing or overlap its neighbour: skip it.
+        let piece = text[span.range()].trim();
+        if piece.is_empty() || words.last().is_some_and(|last| span.start < last.end) {
+            continue;
+        }
+        let punct = is_punct(piece);
+        let joins =
+            words.last().is_some_and(|last| last.end == span.start) && !punct && !prev_punct;
+        if joins {
+            words.last_mut().expect("checked above").end = span.end;
+        } else {
+            words.push(Word {
+                start: span.start,
+                end: span.end,
+                first: (w, row),
+            });
+        }
+        prev_punct = punct;
+    }
+    words
 }
 
 /// Mean of the two largest values (the value itself when there is one; 0 when none).

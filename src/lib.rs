@@ -50,6 +50,7 @@ pub mod batch;
 pub mod device;
 mod embedder;
 pub mod encoder;
+pub mod entities;
 mod error;
 pub mod heads;
 pub mod text;

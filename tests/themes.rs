@@ -191,7 +191,8 @@ fn example_binary(name: &str) -> PathBuf {
     bin
 }
 
-/// The `classify` contract: one line out per line in, same order, all four themes, `entities`,
+/// The `classify` contract: one line out per line in, same order, all four themes, `entities`
+/// whose offsets slice the input text,
 /// and an `error` line (not a crash, not a lost line) for each bad input line.
 #[test]
 fn classify_keeps_the_jsonl_contract() {
@@ -236,10 +237,26 @@ fn classify_keeps_the_jsonl_contract() {
         let error = v["error"].as_str();
         let expect_error = matches!(i, 2..=4);
         assert_eq!(error.is_some(), expect_error, "line {i}: {v}");
-        assert!(
-            v["entities"].as_array().is_some_and(|a| a.is_empty()),
-            "line {i}: entities"
-        );
+        let entities = v["entities"]
+            .as_array()
+            .unwrap_or_else(|| panic!("line {i}: entities is not an array: {v}"));
+        if expect_error {
+            assert!(entities.is_empty(), "line {i}: entities on an error line");
+        }
+        let input: Option<String> = serde_json::from_str::<serde_json::Value>(lines[i])
+            .ok()
+            .and_then(|l| l["text"].as_str().map(str::to_string));
+        if let Some(text) = input {
+            for e in entities {
+                let start = e["start"].as_u64().unwrap() as usize;
+                let end = e["end"].as_u64().unwrap() as usize;
+                assert_eq!(
+                    &text[start..end],
+                    e["text"].as_str().unwrap(),
+                    "line {i}: entity offsets"
+                );
+            }
+        }
         if !expect_error {
             let themes: Vec<&str> = v["themes"]
                 .as_array()

@@ -4,6 +4,9 @@
 //!   `story`), with the file and line of any bad record in the error.
 //! - [`is_dev_story`]: the held-out split, by story, stable across runs and machines.
 //! - [`theme_metrics`], [`macro_f1`], [`best_threshold`]: precision/recall/F1 per theme.
+//! - [`conll`]: CoNLL NER files and entity-level (conlleval) scoring.
+
+pub mod conll;
 
 use std::path::Path;
 
