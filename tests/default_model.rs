@@ -215,6 +215,12 @@ fn token_offsets_slice_the_original_text() {
                     span.start >= last_start || window.content.start > 0,
                     "spans go backwards at {span:?}"
                 );
+                let piece = &text[span.range()];
+                assert_eq!(
+                    piece,
+                    piece.trim(),
+                    "{span:?} carries whitespace (XLM-R offsets include the space before a word)"
+                );
                 last_start = span.start;
             }
             last_start = 0;

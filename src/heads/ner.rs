@@ -42,12 +42,37 @@ pub struct NerCard {
     pub training_data: Vec<String>,
     /// Which sub-token of a word carries its tag.
     pub word_pooling: String,
+    /// Neighbouring words on each side whose states are appended to a word's (0: none).
+    #[serde(default)]
+    pub context: usize,
     /// Seed and epochs.
     pub seed: u64,
     /// Epochs of training.
     pub epochs: usize,
     /// Dev scores per language.
     pub dev: Vec<NerDevScore>,
+}
+
+/// Row-major word features `[words, hidden]` → `[words, (2·context + 1)·hidden]`: each word's
+/// state followed by its neighbours' (`-context..=context`, zeros past either end).
+pub fn with_context(words: &[f32], hidden: usize, context: usize) -> Vec<f32> {
+    if context == 0 {
+        return words.to_vec();
+    }
+    let n = words.len() / hidden.max(1);
+    let width = (2 * context + 1) * hidden;
+    let mut out = vec![0f32; n * width];
+    for i in 0..n {
+        for (slot, offset) in (-(context as isize)..=context as isize).enumerate() {
+            let j = i as isize + offset;
+            if j >= 0 && (j as usize) < n {
+                let j = j as usize;
+                out[i * width + slot * hidden..i * width + (slot + 1) * hidden]
+                    .copy_from_slice(&words[j * hidden..(j + 1) * hidden]);
+            }
+        }
+    }
+    out
 }
 
 /// Token states `[rows, hidden]` → tag logits `[rows, Tag::COUNT]`.
@@ -121,5 +146,20 @@ impl NerHead {
             None => x.clone(),
         };
         Ok(self.output.forward(&x)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_context;
+
+    #[test]
+    fn context_appends_neighbours_with_zero_padding() {
+        let words = [1.0, 2.0, 3.0]; // three words of width 1
+        assert_eq!(
+            with_context(&words, 1, 1),
+            vec![0.0, 1.0, 2.0, 1.0, 2.0, 3.0, 2.0, 3.0, 0.0]
+        );
+        assert_eq!(with_context(&words, 1, 0), words.to_vec());
     }
 }

@@ -191,7 +191,7 @@ impl TextEncoder {
                 spans.extend(
                     offsets[content.clone()]
                         .iter()
-                        .map(|&(start, end)| Some(Span { start, end })),
+                        .map(|&(start, end)| Some(visible(text, start, end))),
                 );
                 window_ids.extend_from_slice(&self.tail);
                 spans.resize(window_ids.len(), None);
@@ -207,5 +207,21 @@ impl TextEncoder {
             windows,
             content_tokens: ids.len(),
         })
+    }
+}
+
+/// The token's bytes without surrounding whitespace: XLM-R's offsets for a word-initial piece
+/// (`▁de`) include the space before the word, which no caller wants in an entity or a
+/// sentence. A piece that is only whitespace (a lone `▁`) becomes an empty span at its end.
+fn visible(text: &str, start: usize, end: usize) -> Span {
+    let piece = &text[start..end];
+    let trimmed_start = piece.len() - piece.trim_start().len();
+    let trimmed_end = piece.trim_end().len();
+    if trimmed_start >= trimmed_end {
+        return Span { start: end, end };
+    }
+    Span {
+        start: start + trimmed_start,
+        end: start + trimmed_end,
     }
 }
