@@ -86,32 +86,8 @@ fn word_features(
         let texts: Vec<String> = chunk.iter().map(|s| s.tokens.join(" ")).collect();
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let states = embedder.token_states(&refs)?;
-        for ((sentence, text), state) in chunk.iter().zip(&texts).zip(&states) {
-            // Byte span of every word in the joined text.
-            let mut start = 0;
-            let spans: Vec<(usize, usize)> = sentence
-                .tokens
-                .iter()
-                .map(|w| {
-                    let s = (start, start + w.len());
-                    start += w.len() + 1;
-                    s
-                })
-                .collect();
-            debug_assert_eq!(start, text.len() + 1);
-            for &(ws, we) in &spans {
-                // The first sub-token that starts inside the word, in any window.
-                let row = state.windows.iter().find_map(|w| {
-                    w.spans
-                        .iter()
-                        .position(|sp| sp.is_some_and(|sp| sp.start >= ws && sp.start < we))
-                        .map(|r| w.hidden.row(r))
-                });
-                match row {
-                    Some(r) => out.extend(r.iter()),
-                    None => out.extend(std::iter::repeat_n(0f32, h)),
-                }
-            }
+        for (sentence, state) in chunk.iter().zip(&states) {
+            out.extend(state.first_subtoken_states(&sentence.tokens));
         }
         eprint!(
             "\r  {}/{} sentences, {:.0}s",

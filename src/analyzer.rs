@@ -323,22 +323,7 @@ impl Analyzer {
         let h = self.embedder.hidden_size();
         let mut out = Vec::with_capacity(sentences.len());
         for (words, state) in sentences.iter().zip(&states) {
-            let mut rows: Vec<f32> = Vec::with_capacity(words.len() * h);
-            let mut start = 0;
-            for w in words {
-                let (ws, we) = (start, start + w.len());
-                start = we + 1;
-                let row = state.windows.iter().find_map(|win| {
-                    win.spans
-                        .iter()
-                        .position(|sp| sp.is_some_and(|sp| sp.start >= ws && sp.start < we))
-                        .map(|r| win.hidden.row(r))
-                });
-                match row {
-                    Some(r) => rows.extend(r.iter()),
-                    None => rows.extend(std::iter::repeat_n(0f32, h)),
-                }
-            }
+            let rows = state.first_subtoken_states(words);
             if words.is_empty() {
                 out.push(Vec::new());
                 continue;

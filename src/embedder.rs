@@ -238,6 +238,32 @@ pub struct TextStates {
     pub content_tokens: usize,
 }
 
+impl TextStates {
+    /// For a text that is `words` joined by single spaces: the hidden state of each word's first
+    /// sub-token, row-major `[words.len(), hidden]` (zeros for a word with no token). Training
+    /// and inference of the NER head both use this, so they cannot disagree on alignment.
+    pub fn first_subtoken_states(&self, words: &[String]) -> Vec<f32> {
+        let h = self.embedding.len();
+        let mut out = Vec::with_capacity(words.len() * h);
+        let mut start = 0;
+        for w in words {
+            let (ws, we) = (start, start + w.len());
+            start = we + 1;
+            let row = self.windows.iter().find_map(|win| {
+                win.spans
+                    .iter()
+                    .position(|sp| sp.is_some_and(|sp| sp.start >= ws && sp.start < we))
+                    .map(|r| win.hidden.row(r))
+            });
+            match row {
+                Some(r) => out.extend(r.iter()),
+                None => out.extend(std::iter::repeat_n(0f32, h)),
+            }
+        }
+        out
+    }
+}
+
 /// Embeddings with what they cost: see [`Embedder::embed_with_counts`].
 #[derive(Debug, Clone)]
 pub struct Embeddings {
