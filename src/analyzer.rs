@@ -17,14 +17,14 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 
-use crate::embedder::{Embedder, EmbedderBuilder, TextStates};
+use crate::embedder::{Embedder, EmbedderBuilder, TextStates, TokenSource, WordPooling};
 use crate::entities::{group_entities, repair_bio, Entity, EntityGroup, Tag};
 use crate::error::Result;
-use crate::heads::ner::{with_context, NerCard, NerHead, NER_HEAD_CARD};
+use crate::heads::ner::{NerCard, NerHead, NER_HEAD_CARD};
 use crate::heads::{ThemeCard, ThemeHead};
 use crate::text::{owning_window, sentence_spans, Span};
 use crate::themes::{Evidence, Theme, ThemeScore};
-use crate::train::conll::entity_spans;
+use crate::train::conll::{entity_spans, pack_sentences};
 use crate::weights::ModelSource;
 
 /// An article to analyse.
@@ -140,26 +140,31 @@ impl AnalyzerBuilder {
     /// As [`EmbedderBuilder::build`]; [`crate::Error::ModelFolder`] if the heads are missing;
     /// [`crate::Error::Setting`] if the head was trained for another hidden size.
     pub fn build(self) -> Result<Analyzer> {
-        let embedder = self.embedder.build()?;
         let folder = self.heads.unwrap_or_else(default_heads_folder);
         let device = Device::Cpu;
         let (theme_head, card) = ThemeHead::from_folder(&folder, &device)?;
         let ner = if folder.join(NER_HEAD_CARD).is_file() {
-            let (head, card) = NerHead::from_folder(&folder, &device)?;
-            if card.input_size != (2 * card.context + 1) * embedder.hidden_size() {
-                return Err(crate::Error::Setting(format!(
-                    "the NER head in {} takes vectors of {} but {} words of the encoder's {} give {}",
-                    folder.display(),
-                    card.input_size,
-                    2 * card.context + 1,
-                    embedder.hidden_size(),
-                    (2 * card.context + 1) * embedder.hidden_size()
-                )));
-            }
-            Some((head, card))
+            Some(NerHead::from_folder(&folder, &device)?)
         } else {
             None
         };
+        let mut embedder = self.embedder;
+        if let Some((_, ner_card)) = &ner {
+            if ner_card.token_source == TokenSource::LayerMean {
+                embedder = embedder.layer_mean(ner_card.layers);
+            }
+        }
+        let embedder = embedder.build()?;
+        if let Some((head, _)) = &ner {
+            if head.word_width() != embedder.hidden_size() {
+                return Err(crate::Error::Setting(format!(
+                    "the NER head in {} reads word states of width {}, but the encoder's are {}",
+                    folder.display(),
+                    head.word_width(),
+                    embedder.hidden_size()
+                )));
+            }
+        }
         if card.input_size != card.pooling.output_size(embedder.hidden_size()) {
             return Err(crate::Error::Setting(format!(
                 "the theme head in {} takes vectors of {} but {:?} pooling of the encoder's {} gives {}",
@@ -307,9 +312,10 @@ impl Analyzer {
         self.entities_from_states(text, &states[0])
     }
 
-    /// BIO tags for sentences given as words (as in a CoNLL file): the words are joined by
-    /// single spaces, encoded, and each word is tagged from its first sub-token, as in training.
-    /// Returns `O` everywhere without an NER head.
+    /// BIO tags for sentences given as words (as in a CoNLL file). Consecutive sentences are
+    /// joined into runs of up to the head's `pack_words` words, as in training, so that each
+    /// word has article-like context; words are joined by single spaces and encoded. Returns
+    /// `O` everywhere without an NER head.
     ///
     /// # Errors
     /// As [`Embedder::embed`].
@@ -317,39 +323,32 @@ impl Analyzer {
         let Some((head, card)) = &self.ner else {
             return Ok(sentences.iter().map(|s| vec![Tag::O; s.len()]).collect());
         };
-        let texts: Vec<String> = sentences.iter().map(|s| s.join(" ")).collect();
+        let counts: Vec<usize> = sentences.iter().map(Vec::len).collect();
+        let runs = pack_sentences(&counts, card.pack_words.max(1));
+        let run_words: Vec<Vec<String>> = runs
+            .iter()
+            .map(|r| sentences[r.clone()].iter().flatten().cloned().collect())
+            .collect();
+        let texts: Vec<String> = run_words.iter().map(|w| w.join(" ")).collect();
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let states = self.embedder.token_states(&refs)?;
-        let h = self.embedder.hidden_size();
         let mut out = Vec::with_capacity(sentences.len());
-        for (words, state) in sentences.iter().zip(&states) {
-            let rows = state.first_subtoken_states(words);
-            if words.is_empty() {
-                out.push(Vec::new());
-                continue;
+        for ((run, words), state) in runs.iter().zip(&run_words).zip(&states) {
+            let rows = state.word_states(words, card.token_source, card.word_pooling)?;
+            let (tags, _) = head.tag(&rows)?;
+            let mut tags = tags.into_iter();
+            for sentence in &sentences[run.clone()] {
+                let mut t: Vec<Tag> = tags.by_ref().take(sentence.len()).collect();
+                // A run is decoded as one sequence; a sentence still starts afresh.
+                repair_bio(&mut t);
+                out.push(t);
             }
-            let rows = with_context(&rows, h, card.context);
-            let x = candle_core::Tensor::from_vec(
-                rows,
-                (words.len(), card.input_size),
-                &self.head_device,
-            )?;
-            let best: Vec<u32> = head
-                .forward(&x)?
-                .argmax(candle_core::D::Minus1)?
-                .to_vec1()?;
-            let mut tags: Vec<Tag> = best
-                .into_iter()
-                .map(|i| Tag::from_index(i as usize).expect("head outputs Tag::COUNT scores"))
-                .collect();
-            repair_bio(&mut tags);
-            out.push(tags);
         }
         Ok(out)
     }
 
-    /// Tags words from the hidden state of their first sub-token, each token taken from the
-    /// window where it has most context (so overlapping windows yield no duplicates).
+    /// Tags the text's words, each sub-token read from the window where it has most context
+    /// (so overlapping windows yield no duplicates), and turns tag runs into mentions.
     fn entities_from_states(&self, text: &str, states: &TextStates) -> Result<Vec<Entity>> {
         let Some((head, card)) = &self.ner else {
             return Ok(Vec::new());
@@ -361,25 +360,26 @@ impl Analyzer {
         let h = self.embedder.hidden_size();
         let mut rows: Vec<f32> = Vec::with_capacity(words.len() * h);
         for w in &words {
-            rows.extend(states.windows[w.first.0].hidden.row(w.first.1).iter());
+            let at = rows.len();
+            rows.extend(std::iter::repeat_n(0f32, h));
+            let take = match card.word_pooling {
+                WordPooling::First => 1,
+                WordPooling::Mean => w.tokens.len(),
+            };
+            for &(win, row) in &w.tokens[..take] {
+                let window = &states.windows[win];
+                let table = match card.token_source {
+                    TokenSource::LastLayer => &window.hidden,
+                    TokenSource::LayerMean => window.layer_mean.as_ref().ok_or_else(|| {
+                        crate::Error::Setting("the embedder kept no layer-mean states".into())
+                    })?,
+                };
+                for (o, v) in rows[at..].iter_mut().zip(table.row(row)) {
+                    *o += v / take as f32;
+                }
+            }
         }
-        let rows = with_context(&rows, h, card.context);
-        let x =
-            candle_core::Tensor::from_vec(rows, (words.len(), card.input_size), &self.head_device)?;
-        let probs: Vec<Vec<f32>> =
-            candle_nn::ops::softmax_last_dim(&head.forward(&x)?)?.to_vec2()?;
-        let mut tags: Vec<Tag> = Vec::with_capacity(words.len());
-        let mut scores = Vec::with_capacity(words.len());
-        for p in &probs {
-            let (best, score) =
-                p.iter()
-                    .copied()
-                    .enumerate()
-                    .fold((0, f32::MIN), |a, b| if b.1 > a.1 { b } else { a });
-            tags.push(Tag::from_index(best).expect("head outputs Tag::COUNT scores"));
-            scores.push(score);
-        }
-        repair_bio(&mut tags);
+        let (tags, scores) = head.tag(&rows)?;
         Ok(entity_spans(&tags)
             .into_iter()
             .map(|(a, b, label)| {
@@ -459,8 +459,8 @@ impl Analyzer {
 struct Word {
     start: usize,
     end: usize,
-    /// (window, row) of the first sub-token.
-    first: (usize, usize),
+    /// (window, row) of each sub-token, in order.
+    tokens: Vec<(usize, usize)>,
 }
 
 fn words(text: &str, states: &TextStates) -> Vec<Word> {
@@ -484,12 +484,14 @@ fn words(text: &str, states: &TextStates) -> Vec<Word> {
         let joins =
             words.last().is_some_and(|last| last.end == span.start) && !punct && !prev_punct;
         if joins {
-            words.last_mut().expect("checked above").end = span.end;
+            let last = words.last_mut().expect("checked above");
+            last.end = span.end;
+            last.tokens.push((w, row));
         } else {
             words.push(Word {
                 start: span.start,
                 end: span.end,
-                first: (w, row),
+                tokens: vec![(w, row)],
             });
         }
         prev_punct = punct;

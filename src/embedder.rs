@@ -6,7 +6,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use ndarray::{Array1, Array2};
 use rayon::prelude::*;
 
@@ -33,6 +33,7 @@ pub struct EmbedderBuilder {
     window_tokens: Option<usize>,
     window_overlap: Option<usize>,
     prefix: String,
+    layer_mean: usize,
 }
 
 impl Default for EmbedderBuilder {
@@ -47,6 +48,7 @@ impl Default for EmbedderBuilder {
             window_tokens: None,
             window_overlap: None,
             prefix: PASSAGE_PREFIX.to_string(),
+            layer_mean: 1,
         }
     }
 }
@@ -117,6 +119,14 @@ impl EmbedderBuilder {
 
     /// Loads the tokenizer and encoder.
     ///
+    /// Also keep, per token, the mean of the last `k` layers' outputs
+    /// ([`WindowStates::layer_mean`]) for token-level heads. Default 1: last layer only, no
+    /// extra copy.
+    pub fn layer_mean(mut self, k: usize) -> Self {
+        self.layer_mean = k;
+        self
+    }
+
     /// # Errors
     /// [`Error::ModelFolder`] if the model's files are missing, [`Error::ModelFile`] /
     /// [`Error::Config`] / [`Error::Tensor`] if they are malformed, [`Error::Setting`] for a
@@ -166,6 +176,7 @@ impl EmbedderBuilder {
                 pool,
                 batch_tokens,
                 threads,
+                layer_mean: self.layer_mean,
             }),
         })
     }
@@ -177,6 +188,7 @@ struct Inner {
     pool: rayon::ThreadPool,
     batch_tokens: usize,
     threads: usize,
+    layer_mean: usize,
 }
 
 /// Embeds texts with a multilingual encoder: one L2-normalised vector per text, or per-token
@@ -221,6 +233,9 @@ pub struct WindowStates {
     pub hidden: Array2<f32>,
     /// Mean of the hidden states over all of the window's tokens (not normalised).
     pub mean: Array1<f32>,
+    /// Per token, the mean of the last `k` layers' outputs, `[ids.len(), hidden]`, when the
+    /// embedder was built with [`EmbedderBuilder::layer_mean`] `k > 1`.
+    pub layer_mean: Option<Array2<f32>>,
     /// The text's content tokens this window holds.
     pub content: Range<usize>,
     /// Index in `ids` of the first content token.
@@ -239,29 +254,98 @@ pub struct TextStates {
 }
 
 impl TextStates {
-    /// For a text that is `words` joined by single spaces: the hidden state of each word's first
-    /// sub-token, row-major `[words.len(), hidden]` (zeros for a word with no token). Training
-    /// and inference of the NER head both use this, so they cannot disagree on alignment.
-    pub fn first_subtoken_states(&self, words: &[String]) -> Vec<f32> {
+    /// For a text that is `words` joined by single spaces: one feature row per word, row-major
+    /// `[words.len(), hidden]`, read from `source` and pooled over the word's sub-tokens by
+    /// `pooling` (zeros for a word with no token). A word is read from the first window that
+    /// holds it. Training and evaluation of the NER head both use this, so they cannot disagree
+    /// on alignment.
+    ///
+    /// # Errors
+    /// [`Error::Setting`] if `source` is [`TokenSource::LayerMean`] and the embedder was not
+    /// built to keep it.
+    pub fn word_states(
+        &self,
+        words: &[String],
+        source: TokenSource,
+        pooling: WordPooling,
+    ) -> Result<Vec<f32>> {
         let h = self.embedding.len();
+        let tables = self
+            .windows
+            .iter()
+            .map(|w| {
+                let table = match source {
+                    TokenSource::LastLayer => &w.hidden,
+                    TokenSource::LayerMean => w.layer_mean.as_ref().ok_or_else(|| {
+                        Error::Setting(
+                            "layer-mean token states were asked for, but the embedder was \
+                             built without `layer_mean(k)`"
+                                .into(),
+                        )
+                    })?,
+                };
+                // (start byte, row) of every content token, ascending.
+                let starts: Vec<(usize, usize)> = w
+                    .spans
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(r, sp)| sp.map(|sp| (sp.start, r)))
+                    .collect();
+                Ok((table, starts))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut out = Vec::with_capacity(words.len() * h);
         let mut start = 0;
-        for w in words {
-            let (ws, we) = (start, start + w.len());
+        for word in words {
+            let (ws, we) = (start, start + word.len());
             start = we + 1;
-            let row = self.windows.iter().find_map(|win| {
-                win.spans
+            let found = tables.iter().find_map(|(table, starts)| {
+                let from = starts.partition_point(|&(s, _)| s < ws);
+                let rows: Vec<usize> = starts[from..]
                     .iter()
-                    .position(|sp| sp.is_some_and(|sp| sp.start >= ws && sp.start < we))
-                    .map(|r| win.hidden.row(r))
+                    .take_while(|&&(s, _)| s < we)
+                    .map(|&(_, r)| r)
+                    .collect();
+                (!rows.is_empty()).then_some((table, rows))
             });
-            match row {
-                Some(r) => out.extend(r.iter()),
+            match found {
                 None => out.extend(std::iter::repeat_n(0f32, h)),
+                Some((table, rows)) => match pooling {
+                    WordPooling::First => out.extend(table.row(rows[0]).iter()),
+                    WordPooling::Mean => {
+                        let at = out.len();
+                        out.extend(std::iter::repeat_n(0f32, h));
+                        for &r in &rows {
+                            for (o, v) in out[at..].iter_mut().zip(table.row(r)) {
+                                *o += v / rows.len() as f32;
+                            }
+                        }
+                    }
+                },
             }
         }
-        out
+        Ok(out)
     }
+}
+
+/// Which per-token states a token-level head reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenSource {
+    /// [`WindowStates::hidden`]: the last layer.
+    LastLayer,
+    /// [`WindowStates::layer_mean`]: the mean of the last few layers.
+    LayerMean,
+}
+
+/// How the states of a word's sub-tokens become the word's one feature row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WordPooling {
+    /// The first sub-token's state.
+    First,
+    /// The mean of all its sub-tokens' states.
+    Mean,
 }
 
 /// Embeddings with what they cost: see [`Embedder::embed_with_counts`].
@@ -279,6 +363,7 @@ pub struct Embeddings {
 struct WindowOutput {
     mean: Vec<f32>,
     hidden: Option<Array2<f32>>,
+    layer_mean: Option<Array2<f32>>,
 }
 
 impl Embedder {
@@ -359,6 +444,7 @@ impl Embedder {
                             .hidden
                             .expect("run(keep_hidden = true) keeps every window's states"),
                         mean: Array1::from(out.mean),
+                        layer_mean: out.layer_mean,
                         ids: w.ids,
                         spans: w.spans,
                         content: w.content,
@@ -407,25 +493,31 @@ impl Embedder {
                     .map(|&r| tokenized[slots[r].0].windows[slots[r].1].ids.as_slice())
                     .collect();
                 let batch = Batch::new(&sequences, pad);
-                let encoded = inner.encoder.forward(&batch)?;
+                let k = if keep_hidden { inner.layer_mean } else { 1 };
+                let encoded = inner.encoder.forward_with_layer_mean(&batch, k)?;
                 // Device-to-host copies are the expensive part on a GPU: one per output per batch.
                 let means: Vec<Vec<f32>> =
                     encoded.mean_pooled()?.to_dtype(DType::F32)?.to_vec2()?;
-                let hidden: Option<Vec<Vec<Vec<f32>>>> = if keep_hidden {
-                    Some(encoded.hidden.to_dtype(DType::F32)?.to_vec3()?)
+                let hidden = if keep_hidden {
+                    Some(window_rows(&encoded.hidden, batch.lengths())?)
                 } else {
                     None
                 };
-                let mut hidden = hidden.map(|h| h.into_iter());
-                for ((&r, mean), &len) in rows.iter().zip(means).zip(batch.lengths()) {
-                    let hidden = hidden.as_mut().map(|rows| {
-                        let row = rows.next().expect("one hidden row per batch row");
-                        let h = row.first().map_or(0, Vec::len);
-                        let flat: Vec<f32> = row.into_iter().take(len).flatten().collect();
-                        Array2::from_shape_vec((len, h), flat).expect("len rows of width h")
-                    });
+                let layer_mean = match &encoded.layer_mean {
+                    Some(m) => Some(window_rows(m, batch.lengths())?),
+                    None => None,
+                };
+                let mut hidden = hidden.map(Vec::into_iter);
+                let mut layer_mean = layer_mean.map(Vec::into_iter);
+                for (&r, mean) in rows.iter().zip(means) {
+                    let hidden = hidden.as_mut().and_then(Iterator::next);
+                    let layer_mean = layer_mean.as_mut().and_then(Iterator::next);
                     let (t, w) = slots[r];
-                    outputs[t][w] = Some(WindowOutput { mean, hidden });
+                    outputs[t][w] = Some(WindowOutput {
+                        mean,
+                        hidden,
+                        layer_mean,
+                    });
                 }
             }
             let outputs = outputs
@@ -440,6 +532,20 @@ impl Embedder {
             Ok((tokenized, outputs))
         })
     }
+}
+
+/// A padded `[rows, len, hidden]` tensor → one `[length, hidden]` array per row, padding dropped.
+fn window_rows(states: &Tensor, lengths: &[usize]) -> Result<Vec<Array2<f32>>> {
+    let rows: Vec<Vec<Vec<f32>>> = states.to_dtype(DType::F32)?.to_vec3()?;
+    Ok(rows
+        .into_iter()
+        .zip(lengths)
+        .map(|(row, &len)| {
+            let h = row.first().map_or(0, Vec::len);
+            let flat: Vec<f32> = row.into_iter().take(len).flatten().collect();
+            Array2::from_shape_vec((len, h), flat).expect("len rows of width h")
+        })
+        .collect())
 }
 
 /// Combines a text's window means into its embedding: weighted by text tokens, L2-normalised.

@@ -214,9 +214,85 @@ pub fn repair_bio(tags: &mut [Tag]) {
     }
 }
 
+/// The most probable tag sequence that is valid BIO, from per-word log-probabilities
+/// `[words][Tag::COUNT]` (Viterbi; an `I-X` may only follow `B-X` or `I-X`). Unlike a per-word
+/// argmax followed by [`repair_bio`], a doubtful `I-` tag is weighed against its neighbours
+/// instead of silently starting a new entity.
+pub fn decode_bio(log_probs: &[Vec<f32>]) -> Vec<Tag> {
+    let n = log_probs.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let tags: Vec<Tag> = (0..Tag::COUNT)
+        .map(|i| Tag::from_index(i).expect("in range"))
+        .collect();
+    let allowed = |prev: Option<Tag>, next: Tag| match next {
+        Tag::I(l) => matches!(prev, Some(Tag::B(p) | Tag::I(p)) if p == l),
+        _ => true,
+    };
+    let mut score: Vec<f32> = tags
+        .iter()
+        .zip(&log_probs[0])
+        .map(|(&t, &lp)| if allowed(None, t) { lp } else { f32::NEG_INFINITY })
+        .collect();
+    let mut back: Vec<Vec<u8>> = Vec::with_capacity(n);
+    for lp in &log_probs[1..] {
+        let mut next = vec![f32::NEG_INFINITY; Tag::COUNT];
+        let mut from = vec![0u8; Tag::COUNT];
+        for (j, &t) in tags.iter().enumerate() {
+            for (i, &p) in tags.iter().enumerate() {
+                if allowed(Some(p), t) && score[i] > next[j] {
+                    next[j] = score[i];
+                    from[j] = i as u8;
+                }
+            }
+            next[j] += lp[j];
+        }
+        back.push(from);
+        score = next;
+    }
+    let mut best = (0..Tag::COUNT)
+        .max_by(|&a, &b| score[a].total_cmp(&score[b]))
+        .expect("Tag::COUNT > 0");
+    let mut out = vec![tags[best]; n];
+    for (k, from) in back.iter().enumerate().rev() {
+        best = from[best] as usize;
+        out[k] = tags[best];
+    }
+    out
+}
+
 #[cfg(test)]
 mod decode_tests {
     use super::*;
+
+    fn tags(s: &[&str]) -> Vec<Tag> {
+        s.iter().map(|t| t.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn viterbi_never_starts_with_an_inside_tag() {
+        // Word 0 prefers I-PER (invalid at the start): the best valid path is B-PER I-PER.
+        let mut lp = vec![vec![-9.0; Tag::COUNT]; 2];
+        lp[0][Tag::I(EntityLabel::Per).index()] = -0.1;
+        lp[0][Tag::B(EntityLabel::Per).index()] = -2.0;
+        lp[0][Tag::O.index()] = -3.0;
+        lp[1][Tag::I(EntityLabel::Per).index()] = -0.1;
+        assert_eq!(decode_bio(&lp), tags(&["B-PER", "I-PER"]));
+    }
+
+    #[test]
+    fn viterbi_weighs_a_doubtful_inside_tag_against_its_neighbours() {
+        // Argmax gives O I-ORG (repaired to B-ORG); jointly, O O is more probable than
+        // any valid path through I-ORG.
+        let mut lp = vec![vec![-9.0; Tag::COUNT]; 2];
+        lp[0][Tag::O.index()] = -0.2;
+        lp[0][Tag::B(EntityLabel::Org).index()] = -3.0;
+        lp[1][Tag::I(EntityLabel::Org).index()] = -0.9;
+        lp[1][Tag::O.index()] = -1.0;
+        assert_eq!(decode_bio(&lp), tags(&["O", "O"]));
+        assert!(decode_bio(&[]).is_empty());
+    }
 
     #[test]
     fn repair_turns_orphan_inside_tags_into_beginnings() {

@@ -62,7 +62,8 @@ pub use analyzer::{default_heads_folder, Analysis, Analyzer, AnalyzerBuilder, Ar
 /// Re-exported so that users need not depend on candle to pick a device or dtype.
 pub use candle_core::{DType, Device};
 pub use embedder::{
-    Embedder, EmbedderBuilder, Embeddings, TextStates, WindowStates, PASSAGE_PREFIX,
+    Embedder, EmbedderBuilder, Embeddings, TextStates, TokenSource, WindowStates, WordPooling,
+    PASSAGE_PREFIX,
 };
 pub use error::{Error, Result};
 pub use themes::{Evidence, Theme, ThemeScore};

@@ -34,6 +34,10 @@ pub struct EncoderOutput {
     pub hidden: Tensor,
     /// 1 for real tokens, 0 for padding, `[rows, len]`, in the activation dtype.
     pub mask: Tensor,
+    /// Mean of the last `k` layers' outputs, `[rows, len, hidden]`, when
+    /// [`Encoder::forward_with_layer_mean`] asked for `k > 1`. Token-level heads read it: lower
+    /// layers keep more of a token's surface form than the last, which is shaped by pre-training.
+    pub layer_mean: Option<Tensor>,
 }
 
 impl EncoderOutput {
@@ -80,6 +84,15 @@ impl Encoder {
     /// [`Error::Setting`] if the batch is longer than the position table allows; a tensor error
     /// for an id outside the vocabulary.
     pub fn forward(&self, batch: &Batch) -> Result<EncoderOutput> {
+        self.forward_with_layer_mean(batch, 1)
+    }
+
+    /// As [`Encoder::forward`], and also the mean of the last `k` layers' outputs in
+    /// [`EncoderOutput::layer_mean`] (`None` for `k <= 1`; `k` is capped at the layer count).
+    ///
+    /// # Errors
+    /// As [`Encoder::forward`].
+    pub fn forward_with_layer_mean(&self, batch: &Batch, k: usize) -> Result<EncoderOutput> {
         let (rows, len) = (batch.rows(), batch.max_len());
         if len > self.config.max_sequence_len() {
             return Err(Error::Setting(format!(
@@ -91,9 +104,23 @@ impl Encoder {
             Tensor::from_vec(batch.mask(), (rows, len), &self.device)?.to_dtype(self.dtype)?;
         let bias = layers::attention_bias(&mask, self.dtype)?;
         let mut hidden = self.embeddings.forward(batch.ids(), rows, len)?;
-        for layer in &self.layers {
+        let k = k.min(self.layers.len());
+        let first_summed = self.layers.len() - k;
+        let mut sum: Option<Tensor> = None;
+        for (i, layer) in self.layers.iter().enumerate() {
             hidden = layer.forward(&hidden, &bias)?;
+            if k > 1 && i >= first_summed {
+                sum = Some(match sum {
+                    None => hidden.clone(),
+                    Some(s) => (s + &hidden)?,
+                });
+            }
         }
-        Ok(EncoderOutput { hidden, mask })
+        let layer_mean = sum.map(|s| s / k as f64).transpose()?;
+        Ok(EncoderOutput {
+            hidden,
+            mask,
+            layer_mean,
+        })
     }
 }

@@ -91,6 +91,26 @@ pub fn parse_conll(text: &str, path: &Path) -> Result<Vec<ConllSentence>> {
     Ok(sentences)
 }
 
+/// Groups consecutive sentences into runs of at most `max_words` words (a longer sentence
+/// stands alone), as ranges of sentence indices. Encoding a run rather than a lone sentence
+/// gives each word the kind of surrounding text it has in an article, which is what the NER
+/// head sees at inference.
+pub fn pack_sentences(word_counts: &[usize], max_words: usize) -> Vec<std::ops::Range<usize>> {
+    let mut packs = Vec::new();
+    let (mut start, mut words) = (0, 0);
+    for (i, &n) in word_counts.iter().enumerate() {
+        if i > start && words + n > max_words {
+            packs.push(start..i);
+            (start, words) = (i, 0);
+        }
+        words += n;
+    }
+    if start < word_counts.len() {
+        packs.push(start..word_counts.len());
+    }
+    packs
+}
+
 /// Entities in a tag sequence as `(start, end, label)` token ranges, by the conlleval rules.
 pub fn entity_spans(tags: &[Tag]) -> Vec<(usize, usize, EntityLabel)> {
     let mut out = Vec::new();
@@ -271,5 +291,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("line 1") && err.contains("B-PERSON"), "{err}");
+    }
+
+    #[test]
+    fn packs_consecutive_sentences_under_the_word_budget() {
+        assert_eq!(pack_sentences(&[3, 4, 2, 9, 1], 7), vec![0..2, 2..3, 3..4, 4..5]);
+        assert_eq!(pack_sentences(&[3, 4, 2], 100), vec![0..3]);
+        assert!(pack_sentences(&[], 5).is_empty());
     }
 }

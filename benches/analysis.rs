@@ -1,0 +1,58 @@
+//! Full analysis (themes, evidence and entities) against the encoder alone, on the same
+//! ~4k-token batch of the project's news texts (`benches/data/news.jsonl`), 2 threads, CPU f32.
+//! The two are measured in one run so that their ratio is not skewed by the machine's load.
+//!
+//! Run: `bash models/fetch.sh && cargo bench --bench analysis`. Throughput is in encoder tokens
+//! per second; `themes+ner` over `encoder-only` is the cost of everything but the encoder.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use themescan::{Analyzer, Article};
+
+fn news() -> Vec<Article> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/data/news.jsonl");
+    std::fs::read_to_string(path)
+        .expect("benches/data/news.jsonl")
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            Article::new(v["id"].as_str().unwrap(), v["text"].as_str().unwrap())
+        })
+        .collect()
+}
+
+fn bench_analysis(c: &mut Criterion) {
+    let analyzer = Analyzer::builder()
+        .threads(2)
+        .build()
+        .expect("the default model and heads (run `bash models/fetch.sh` first)");
+    let embedder = analyzer.embedder();
+    let articles = news();
+    let mut batch = Vec::new();
+    let mut tokens = 0;
+    for a in &articles {
+        if tokens >= 4096 {
+            break;
+        }
+        tokens += embedder
+            .text_encoder()
+            .encode(&a.text)
+            .unwrap()
+            .windows
+            .iter()
+            .map(|w| w.ids.len())
+            .sum::<usize>();
+        batch.push(a.clone());
+    }
+    let texts: Vec<&str> = batch.iter().map(|a| a.text.as_str()).collect();
+    let mut group = c.benchmark_group("analysis/cpu-f32-2threads");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(tokens as u64));
+    group.bench_function("encoder-only", |b| b.iter(|| embedder.embed(&texts).unwrap()));
+    group.bench_function("themes+ner", |b| {
+        b.iter(|| analyzer.analyze_many(&batch).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_analysis);
+criterion_main!(benches);
