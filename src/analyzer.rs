@@ -13,6 +13,7 @@
 //! from the window where it has most context on both sides, from the same pass; the theme head
 //! scores it alone, and the best sentences of each reported theme are returned.
 
+use std::ops::Range;
 use std::path::PathBuf;
 
 use candle_core::Device;
@@ -22,7 +23,7 @@ use crate::entities::{group_entities, repair_bio, Entity, EntityGroup, Tag};
 use crate::error::Result;
 use crate::heads::ner::{NerCard, NerHead, NER_HEAD_CARD};
 use crate::heads::{ThemeCard, ThemeHead};
-use crate::text::{owning_window, sentence_spans, Span};
+use crate::text::{owning_window, sentence_spans, Span, TokenizedText};
 use crate::themes::{Evidence, Theme, ThemeScore};
 use crate::train::conll::{entity_spans, pack_sentences};
 use crate::weights::ModelSource;
@@ -78,7 +79,11 @@ pub struct AnalyzerBuilder {
     embedder: EmbedderBuilder,
     heads: Option<PathBuf>,
     evidence_per_theme: usize,
+    segment_bytes: usize,
 }
+
+/// Default for [`AnalyzerBuilder::segment_bytes`].
+pub const DEFAULT_SEGMENT_BYTES: usize = 128 * 1024;
 
 impl Default for AnalyzerBuilder {
     fn default() -> Self {
@@ -86,6 +91,7 @@ impl Default for AnalyzerBuilder {
             embedder: Embedder::builder(),
             heads: None,
             evidence_per_theme: 3,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
         }
     }
 }
@@ -131,6 +137,15 @@ impl AnalyzerBuilder {
     /// Evidence sentences returned per reported theme. Default 3.
     pub fn evidence_per_theme(mut self, n: usize) -> Self {
         self.evidence_per_theme = n;
+        self
+    }
+
+    /// Most text bytes encoded at once. A longer article is cut into segments of about this
+    /// size (at a paragraph, sentence or word break) that are analysed one group at a time and
+    /// merged, so memory stays bounded for texts of any size; nothing is dropped. Articles are
+    /// also grouped up to this size per encoder call. Default [`DEFAULT_SEGMENT_BYTES`].
+    pub fn segment_bytes(mut self, bytes: usize) -> Self {
+        self.segment_bytes = bytes;
         self
     }
 
@@ -182,6 +197,7 @@ impl AnalyzerBuilder {
             ner,
             head_device: device,
             evidence_per_theme: self.evidence_per_theme,
+            segment_bytes: self.segment_bytes.max(1024),
         })
     }
 }
@@ -215,6 +231,7 @@ pub struct Analyzer {
     ner: Option<(NerHead, NerCard)>,
     head_device: Device,
     evidence_per_theme: usize,
+    segment_bytes: usize,
 }
 
 impl Analyzer {
@@ -242,60 +259,179 @@ impl Analyzer {
     }
 
     /// Analyses many articles; their windows are packed together into encoder batches.
+    /// Memory is bounded by [`AnalyzerBuilder::segment_bytes`], not by the input's size.
     ///
     /// # Errors
     /// As [`Embedder::embed`]; no result is returned for any article then.
     pub fn analyze_many(&self, articles: &[Article]) -> Result<Vec<Analysis>> {
-        let texts: Vec<&str> = articles.iter().map(|a| a.text.as_str()).collect();
-        let states = self.embedder.token_states(&texts)?;
-        articles
-            .iter()
-            .zip(&states)
-            .map(|(article, s)| self.analyze_states(article, s))
-            .collect()
+        self.analyze_prepared(self.prepare(articles.to_vec())?)
     }
 
-    fn analyze_states(&self, article: &Article, states: &TextStates) -> Result<Analysis> {
+    /// The CPU-side first half of [`Analyzer::analyze_many`]: cuts long articles into segments
+    /// and tokenises them on the calling thread. A pipeline prepares the next articles on one
+    /// thread while [`Analyzer::analyze_prepared`] runs the encoder on the current ones.
+    ///
+    /// # Errors
+    /// [`crate::Error::Tokenizer`].
+    pub fn prepare(&self, articles: Vec<Article>) -> Result<PreparedArticles> {
+        let mut pieces = Vec::new();
+        for (i, a) in articles.iter().enumerate() {
+            pieces.extend(
+                segment_text(&a.text, self.segment_bytes)
+                    .into_iter()
+                    .map(|r| (i, r)),
+            );
+        }
+        let mut groups = Vec::new();
+        let mut start = 0;
+        while start < pieces.len() {
+            let (mut end, mut bytes) = (start, 0);
+            while end < pieces.len()
+                && (end == start || bytes + pieces[end].1.len() <= self.segment_bytes)
+            {
+                bytes += pieces[end].1.len();
+                end += 1;
+            }
+            let texts: Vec<&str> = pieces[start..end]
+                .iter()
+                .map(|(i, r)| &articles[*i].text[r.clone()])
+                .collect();
+            groups.push((start..end, self.embedder.tokenize_here(&texts)?));
+            start = end;
+        }
+        Ok(PreparedArticles {
+            articles,
+            pieces,
+            groups,
+        })
+    }
+
+    /// The encoder and heads half of [`Analyzer::analyze_many`].
+    ///
+    /// # Errors
+    /// As [`Embedder::embed`]; no result is returned for any article then.
+    pub fn analyze_prepared(&self, prepared: PreparedArticles) -> Result<Vec<Analysis>> {
+        let PreparedArticles {
+            articles,
+            pieces,
+            groups,
+        } = prepared;
+        let mut partials: Vec<Vec<Partial>> = articles.iter().map(|_| Vec::new()).collect();
+        for (range, tokenized) in groups {
+            let states = self.embedder.token_states_of(tokenized)?;
+            for ((i, r), s) in pieces[range].iter().zip(&states) {
+                let text = &articles[*i].text;
+                let whole = r.len() == text.len();
+                partials[*i].push(self.analyze_piece(text, r.clone(), s, whole)?);
+            }
+        }
+        Ok(articles
+            .into_iter()
+            .zip(partials)
+            .map(|(a, p)| self.merge(a, p))
+            .collect())
+    }
+
+    /// Window scores, evidence candidates and entities of the segment `range` of `text`;
+    /// offsets in the result point into the whole text. A whole article needs
+    /// evidence only for its labels; a segment cannot know them, so it gives its best
+    /// sentences for every theme.
+    fn analyze_piece(
+        &self,
+        text: &str,
+        range: Range<usize>,
+        states: &TextStates,
+        whole: bool,
+    ) -> Result<Partial> {
         let h = self.embedder.hidden_size();
         let width = self.card.input_size;
+        let offset = range.start;
+        let piece = &text[range];
         // Window scores: one head call over every window's pooled states.
         let mut rows = Vec::with_capacity(states.windows.len() * width);
         for w in &states.windows {
             self.card.pooling.pool(w.hidden.outer_iter(), h, &mut rows);
         }
-        let window_probs = self
+        let window_probs: Vec<[f32; 4]> = self
             .theme_head
-            .probabilities(&rows, width, &self.head_device)?;
-        let article_probs: [f32; 4] =
-            std::array::from_fn(|k| top_two_mean(window_probs.iter().map(|p| p[k])));
+            .probabilities(&rows, width, &self.head_device)?
+            .into_iter()
+            .map(|p| std::array::from_fn(|k| p[k]))
+            .collect();
+        let evidence_for: Vec<Theme> = if whole {
+            self.labels(&article_probs(&window_probs))
+        } else {
+            Theme::ALL.to_vec()
+        };
+        let mut evidence = if evidence_for.is_empty() {
+            Vec::new()
+        } else {
+            self.evidence(piece, states, &evidence_for)?
+        };
+        let mut entities = self.entities_from_states(piece, states)?;
+        for e in &mut evidence {
+            e.start += offset;
+            e.end += offset;
+        }
+        for e in &mut entities {
+            e.start += offset;
+            e.end += offset;
+        }
+        Ok(Partial {
+            window_probs,
+            evidence,
+            entities,
+            windows: states.windows.len(),
+            tokens: states.windows.iter().map(|w| w.ids.len()).sum(),
+        })
+    }
+
+    fn labels(&self, probs: &[f32; 4]) -> Vec<Theme> {
+        Theme::ALL
+            .into_iter()
+            .filter(|t| probs[t.index()] >= self.card.thresholds[t.index()])
+            .collect()
+    }
+
+    /// One article's analysis from its segments' (in text order).
+    fn merge(&self, article: Article, partials: Vec<Partial>) -> Analysis {
+        let window_probs: Vec<[f32; 4]> = partials
+            .iter()
+            .flat_map(|p| p.window_probs.iter().copied())
+            .collect();
+        let probs = article_probs(&window_probs);
         let themes: Vec<ThemeScore> = Theme::ALL
             .iter()
             .map(|&theme| ThemeScore {
                 theme,
-                score: article_probs[theme.index()],
+                score: probs[theme.index()],
             })
             .collect();
-        let labels: Vec<Theme> = Theme::ALL
-            .into_iter()
-            .filter(|t| article_probs[t.index()] >= self.card.thresholds[t.index()])
-            .collect();
-        let evidence = if labels.is_empty() {
-            Vec::new()
-        } else {
-            self.evidence(&article.text, states, &labels)?
-        };
-        let entities = self.entities_from_states(&article.text, states)?;
+        let labels = self.labels(&probs);
+        let mut evidence = Vec::new();
+        for &theme in &labels {
+            let mut of_theme: Vec<&Evidence> = partials
+                .iter()
+                .flat_map(|p| &p.evidence)
+                .filter(|e| e.theme == theme)
+                .collect();
+            of_theme.sort_by(|a, b| b.score.total_cmp(&a.score));
+            evidence.extend(of_theme.into_iter().take(self.evidence_per_theme).cloned());
+        }
+        let windows = partials.iter().map(|p| p.windows).sum();
+        let tokens = partials.iter().map(|p| p.tokens).sum();
+        let entities: Vec<Entity> = partials.into_iter().flat_map(|p| p.entities).collect();
         let entity_groups = group_entities(&entities);
-        Ok(Analysis {
-            id: article.id.clone(),
+        Analysis {
+            id: article.id,
             themes,
             labels,
             evidence,
             entities,
             entity_groups,
-            windows: states.windows.len(),
-            tokens: states.windows.iter().map(|w| w.ids.len()).sum(),
-        })
+            windows,
+            tokens,
+        }
     }
 
     /// The NER head's card, if the heads folder has one.
@@ -499,6 +635,69 @@ fn words(text: &str, states: &TextStates) -> Vec<Word> {
     words
 }
 
+/// Articles tokenised by [`Analyzer::prepare`], ready for [`Analyzer::analyze_prepared`].
+#[derive(Debug)]
+pub struct PreparedArticles {
+    articles: Vec<Article>,
+    /// (article, byte range) of every segment, articles in order.
+    pieces: Vec<(usize, Range<usize>)>,
+    /// Segments encoded together, with their tokens.
+    groups: Vec<(Range<usize>, Vec<TokenizedText>)>,
+}
+
+impl PreparedArticles {
+    /// The articles, in order.
+    pub fn articles(&self) -> &[Article] {
+        &self.articles
+    }
+}
+
+/// What one segment of an article contributes.
+struct Partial {
+    window_probs: Vec<[f32; 4]>,
+    evidence: Vec<Evidence>,
+    entities: Vec<Entity>,
+    windows: usize,
+    tokens: usize,
+}
+
+/// An article's theme probabilities from its windows' (the top-two rule above).
+fn article_probs(window_probs: &[[f32; 4]]) -> [f32; 4] {
+    std::array::from_fn(|k| top_two_mean(window_probs.iter().map(|p| p[k])))
+}
+
+/// Cuts `text` into byte ranges of at most `max` bytes (one range for a shorter text, `0..0`
+/// for an empty one), each cut after the last paragraph break, else sentence end, else
+/// whitespace in the second half of the range; a text with none of them is cut at a
+/// character boundary.
+pub fn segment_text(text: &str, max: usize) -> Vec<Range<usize>> {
+    let max = max.max(8);
+    let mut out = Vec::new();
+    let mut start = 0;
+    while text.len() - start > max {
+        let mut end = start + max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let window = &text[start..end];
+        let half = window.len() / 2;
+        let after = |i: usize, len: usize| Some(i + len).filter(|_| i >= half);
+        let cut = window
+            .rfind('\n')
+            .and_then(|i| after(i, 1))
+            .or_else(|| window.rfind(". ").and_then(|i| after(i, 2)))
+            .or_else(|| {
+                let (i, c) = window.char_indices().rev().find(|(_, c)| c.is_whitespace())?;
+                after(i, c.len_utf8())
+            })
+            .unwrap_or(window.len());
+        out.push(start..start + cut);
+        start += cut;
+    }
+    out.push(start..text.len());
+    out
+}
+
 /// Mean of the two largest values (the value itself when there is one; 0 when none).
 fn top_two_mean(values: impl Iterator<Item = f32>) -> f32 {
     let (mut first, mut second, mut n) = (f32::NEG_INFINITY, f32::NEG_INFINITY, 0);
@@ -520,7 +719,31 @@ fn top_two_mean(values: impl Iterator<Item = f32>) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::top_two_mean;
+    use super::{segment_text, top_two_mean};
+
+    #[test]
+    fn segments_cover_the_text_and_cut_at_breaks() {
+        let text = "Eerste zin. Tweede zin.\nDerde alinea hier. En nog één zin met é en ü.";
+        for max in [8, 12, 20, 30, 1000] {
+            let segs = segment_text(text, max);
+            assert_eq!(segs.first().unwrap().start, 0);
+            assert_eq!(segs.last().unwrap().end, text.len());
+            for pair in segs.windows(2) {
+                assert_eq!(pair[0].end, pair[1].start);
+            }
+            for s in &segs {
+                assert!(s.len() <= max.max(8), "{s:?} over {max}");
+                assert!(text.is_char_boundary(s.start) && text.is_char_boundary(s.end));
+            }
+        }
+        // The paragraph break wins over a later sentence end.
+        assert_eq!(segment_text(text, 30)[0], 0..24);
+        assert_eq!(segment_text("", 10), vec![0..0]);
+        // No break at all: a character-boundary cut.
+        let arabic = "ببببببببببببببببببببببببب";
+        let segs = segment_text(arabic, 9);
+        assert!(segs.iter().all(|s| arabic.is_char_boundary(s.start) && s.len() <= 9));
+    }
 
     #[test]
     fn top_two_mean_rule() {

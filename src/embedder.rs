@@ -399,7 +399,8 @@ impl Embedder {
     /// # Errors
     /// As [`Embedder::embed`].
     pub fn embed_with_counts(&self, texts: &[&str]) -> Result<Embeddings> {
-        let (tokenized, outputs) = self.run(texts, false)?;
+        let tokenized = self.tokenize(texts)?;
+        let outputs = self.encode(&tokenized, false)?;
         let h = self.hidden_size();
         let mut vectors = Array2::zeros((texts.len(), h));
         for ((row, text), windows) in vectors.outer_iter_mut().zip(&tokenized).zip(&outputs) {
@@ -423,7 +424,25 @@ impl Embedder {
     /// # Errors
     /// As [`Embedder::embed`].
     pub fn token_states(&self, texts: &[&str]) -> Result<Vec<TextStates>> {
-        let (tokenized, outputs) = self.run(texts, true)?;
+        let tokenized = self.tokenize(texts)?;
+        self.token_states_of(tokenized)
+    }
+
+    /// Tokenises and windows texts on the calling thread, for [`Embedder::token_states_of`].
+    /// Lets a pipeline tokenise the next texts while the encoder works on the current ones.
+    ///
+    /// # Errors
+    /// [`Error::Tokenizer`].
+    pub fn tokenize_here(&self, texts: &[&str]) -> Result<Vec<TokenizedText>> {
+        texts.iter().map(|t| self.inner.text.encode(t)).collect()
+    }
+
+    /// As [`Embedder::token_states`], for texts already tokenised.
+    ///
+    /// # Errors
+    /// A tensor error.
+    pub fn token_states_of(&self, tokenized: Vec<TokenizedText>) -> Result<Vec<TextStates>> {
+        let outputs = self.encode(&tokenized, true)?;
         let h = self.hidden_size();
         Ok(tokenized
             .into_iter()
@@ -442,7 +461,7 @@ impl Embedder {
                     .map(|(w, out)| WindowStates {
                         hidden: out
                             .hidden
-                            .expect("run(keep_hidden = true) keeps every window's states"),
+                            .expect("encode(keep_hidden = true) keeps every window's states"),
                         mean: Array1::from(out.mean),
                         layer_mean: out.layer_mean,
                         ids: w.ids,
@@ -460,18 +479,22 @@ impl Embedder {
             .collect())
     }
 
-    /// Tokenises, batches and encodes; returns per text its windows' outputs in order.
-    fn run(
+    /// Tokenises texts in parallel on the embedder's threads.
+    fn tokenize(&self, texts: &[&str]) -> Result<Vec<TokenizedText>> {
+        let inner = &*self.inner;
+        inner
+            .pool
+            .install(|| texts.par_iter().map(|t| inner.text.encode(t)).collect())
+    }
+
+    /// Batches and encodes; returns per text its windows' outputs in order.
+    fn encode(
         &self,
-        texts: &[&str],
+        tokenized: &[TokenizedText],
         keep_hidden: bool,
-    ) -> Result<(Vec<TokenizedText>, Vec<Vec<WindowOutput>>)> {
+    ) -> Result<Vec<Vec<WindowOutput>>> {
         let inner = &*self.inner;
         inner.pool.install(|| {
-            let tokenized: Vec<TokenizedText> = texts
-                .par_iter()
-                .map(|t| inner.text.encode(t))
-                .collect::<Result<_>>()?;
             // Every window of every text, as (text, window) pairs, so that one batch mixes texts.
             let slots: Vec<(usize, usize)> = tokenized
                 .iter()
@@ -529,7 +552,7 @@ impl Embedder {
                         .collect()
                 })
                 .collect();
-            Ok((tokenized, outputs))
+            Ok(outputs)
         })
     }
 }

@@ -53,6 +53,7 @@ pub mod encoder;
 pub mod entities;
 mod error;
 pub mod heads;
+pub mod records;
 pub mod text;
 mod themes;
 pub mod train;
