@@ -47,7 +47,9 @@ fn bench_analysis(c: &mut Criterion) {
     let mut group = c.benchmark_group("analysis/cpu-f32-2threads");
     group.sample_size(10);
     group.throughput(Throughput::Elements(tokens as u64));
-    group.bench_function("encoder-only", |b| b.iter(|| embedder.embed(&texts).unwrap()));
+    group.bench_function("encoder-only", |b| {
+        b.iter(|| embedder.embed(&texts).unwrap())
+    });
     group.bench_function("themes+ner", |b| {
         b.iter(|| analyzer.analyze_many(&batch).unwrap())
     });

@@ -252,15 +252,20 @@ fn score_dev(head: &NerHead, dev: &[Split], kind: usize) -> Result<[Vec<NerDevSc
                 lang: split.lang.to_string(),
                 sentences: gold.len(),
                 f1: scores.micro.f1(),
-                f1_by_label: scores
-                    .per_label
-                    .iter()
-                    .map(|(l, s)| (*l, s.f1()))
-                    .collect(),
+                f1_by_label: scores.per_label.iter().map(|(l, s)| (*l, s.f1())).collect(),
             });
         }
     }
     Ok(out)
+}
+
+/// The best head so far: mean dev F1, feature kind, decoder, weights, per-language scores.
+struct Best {
+    mean: f64,
+    kind: usize,
+    viterbi: bool,
+    tensors: HashMap<String, Tensor>,
+    scores: Vec<NerDevScore>,
 }
 
 fn mean_f1(scores: &[NerDevScore]) -> f64 {
@@ -321,7 +326,7 @@ fn main() -> Result<()> {
     }
 
     let width = (2 * args.context + 1) * h;
-    let mut best: Option<(f64, usize, bool, HashMap<String, Tensor>, Vec<NerDevScore>)> = None;
+    let mut best: Option<Best> = None;
     println!(
         "{:<28} {:<8} {}  mean",
         "features",
@@ -398,7 +403,11 @@ fn main() -> Result<()> {
                 for (b, &r) in chunk.iter().enumerate() {
                     let (first, words) = runs[r];
                     for t in 0..len {
-                        rows.push(if t < words { (first + t) as u32 } else { n as u32 });
+                        rows.push(if t < words {
+                            (first + t) as u32
+                        } else {
+                            n as u32
+                        });
                         if t < words {
                             real.push((b * len + t) as u32);
                             targets.push((first + t) as u32);
@@ -450,12 +459,24 @@ fn main() -> Result<()> {
                     .map(|s| format!("{:>6.3}", s.f1))
                     .collect::<String>()
             );
-            if best.as_ref().is_none_or(|b| mean > b.0) {
-                best = Some((mean, kind, viterbi, tensors.clone(), scores));
+            if best.as_ref().is_none_or(|b| mean > b.mean) {
+                best = Some(Best {
+                    mean,
+                    kind,
+                    viterbi,
+                    tensors: tensors.clone(),
+                    scores,
+                });
             }
         }
     }
-    let (mean, kind, viterbi, tensors, scores) = best.context("no feature kind was trained")?;
+    let Best {
+        mean,
+        kind,
+        viterbi,
+        tensors,
+        scores,
+    } = best.context("no feature kind was trained")?;
     let (source, pooling) = KINDS[kind];
     println!("\nchosen: {source:?}/{pooling:?}, viterbi {viterbi}, mean dev F1 {mean:.3}");
     println!(

@@ -284,6 +284,10 @@ impl Analyzer {
         }
         let mut groups = Vec::new();
         let mut start = 0;
+        // Tokens take ~30 bytes each in memory: tokenising a huge article's every segment up
+        // front could cost gigabytes, so only the first few groups are tokenised here and the
+        // rest one at a time in `analyze_prepared`.
+        let mut ahead = 0;
         while start < pieces.len() {
             let (mut end, mut bytes) = (start, 0);
             while end < pieces.len()
@@ -292,11 +296,13 @@ impl Analyzer {
                 bytes += pieces[end].1.len();
                 end += 1;
             }
-            let texts: Vec<&str> = pieces[start..end]
-                .iter()
-                .map(|(i, r)| &articles[*i].text[r.clone()])
-                .collect();
-            groups.push((start..end, self.embedder.tokenize_here(&texts)?));
+            let tokenized = if ahead < 4 {
+                ahead += 1;
+                Some(self.tokenize_pieces(&articles, &pieces[start..end])?)
+            } else {
+                None
+            };
+            groups.push((start..end, tokenized));
             start = end;
         }
         Ok(PreparedArticles {
@@ -304,6 +310,18 @@ impl Analyzer {
             pieces,
             groups,
         })
+    }
+
+    fn tokenize_pieces(
+        &self,
+        articles: &[Article],
+        pieces: &[(usize, Range<usize>)],
+    ) -> Result<Vec<TokenizedText>> {
+        let texts: Vec<&str> = pieces
+            .iter()
+            .map(|(i, r)| &articles[*i].text[r.clone()])
+            .collect();
+        self.embedder.tokenize_here(&texts)
     }
 
     /// The encoder and heads half of [`Analyzer::analyze_many`].
@@ -318,6 +336,10 @@ impl Analyzer {
         } = prepared;
         let mut partials: Vec<Vec<Partial>> = articles.iter().map(|_| Vec::new()).collect();
         for (range, tokenized) in groups {
+            let tokenized = match tokenized {
+                Some(t) => t,
+                None => self.tokenize_pieces(&articles, &pieces[range.clone()])?,
+            };
             let states = self.embedder.token_states_of(tokenized)?;
             for ((i, r), s) in pieces[range].iter().zip(&states) {
                 let text = &articles[*i].text;
@@ -641,8 +663,8 @@ pub struct PreparedArticles {
     articles: Vec<Article>,
     /// (article, byte range) of every segment, articles in order.
     pieces: Vec<(usize, Range<usize>)>,
-    /// Segments encoded together, with their tokens.
-    groups: Vec<(Range<usize>, Vec<TokenizedText>)>,
+    /// Segments encoded together, with their tokens (`None`: not tokenised yet).
+    groups: Vec<(Range<usize>, Option<Vec<TokenizedText>>)>,
 }
 
 impl PreparedArticles {
@@ -687,7 +709,10 @@ pub fn segment_text(text: &str, max: usize) -> Vec<Range<usize>> {
             .and_then(|i| after(i, 1))
             .or_else(|| window.rfind(". ").and_then(|i| after(i, 2)))
             .or_else(|| {
-                let (i, c) = window.char_indices().rev().find(|(_, c)| c.is_whitespace())?;
+                let (i, c) = window
+                    .char_indices()
+                    .rev()
+                    .find(|(_, c)| c.is_whitespace())?;
                 after(i, c.len_utf8())
             })
             .unwrap_or(window.len());
@@ -742,7 +767,9 @@ mod tests {
         // No break at all: a character-boundary cut.
         let arabic = "ببببببببببببببببببببببببب";
         let segs = segment_text(arabic, 9);
-        assert!(segs.iter().all(|s| arabic.is_char_boundary(s.start) && s.len() <= 9));
+        assert!(segs
+            .iter()
+            .all(|s| arabic.is_char_boundary(s.start) && s.len() <= 9));
     }
 
     #[test]

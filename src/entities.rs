@@ -233,7 +233,13 @@ pub fn decode_bio(log_probs: &[Vec<f32>]) -> Vec<Tag> {
     let mut score: Vec<f32> = tags
         .iter()
         .zip(&log_probs[0])
-        .map(|(&t, &lp)| if allowed(None, t) { lp } else { f32::NEG_INFINITY })
+        .map(|(&t, &lp)| {
+            if allowed(None, t) {
+                lp
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
         .collect();
     let mut back: Vec<Vec<u8>> = Vec::with_capacity(n);
     for lp in &log_probs[1..] {

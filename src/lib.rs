@@ -59,7 +59,10 @@ mod themes;
 pub mod train;
 pub mod weights;
 
-pub use analyzer::{default_heads_folder, Analysis, Analyzer, AnalyzerBuilder, Article};
+pub use analyzer::{
+    default_heads_folder, segment_text, Analysis, Analyzer, AnalyzerBuilder, Article,
+    PreparedArticles, DEFAULT_SEGMENT_BYTES,
+};
 /// Re-exported so that users need not depend on candle to pick a device or dtype.
 pub use candle_core::{DType, Device};
 pub use embedder::{

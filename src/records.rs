@@ -74,7 +74,10 @@ pub fn parse_jsonl_line(line: &[u8], number: usize) -> (Option<String>, Result<S
         Some(other) => {
             return (
                 None,
-                Err(at(format!("`id` must be a string, found {}", json_kind(other)))),
+                Err(at(format!(
+                    "`id` must be a string, found {}",
+                    json_kind(other)
+                ))),
             )
         }
     };
@@ -362,7 +365,10 @@ mod tests {
         assert!(err(3).contains("found an array"));
         assert!(err(4).contains("no `id`"));
         assert!(err(5).contains("`id` must be a string, found a number"));
-        assert_eq!((r[6].id.as_deref(), err(6).contains("no `text`")), (Some("c"), true));
+        assert_eq!(
+            (r[6].id.as_deref(), err(6).contains("no `text`")),
+            (Some("c"), true)
+        );
         assert!(err(7).contains("`text` must be a string"));
         assert!(err(8).contains("empty text"));
         assert_eq!(r[9].id.as_deref(), Some("f"));

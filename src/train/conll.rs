@@ -295,7 +295,10 @@ mod tests {
 
     #[test]
     fn packs_consecutive_sentences_under_the_word_budget() {
-        assert_eq!(pack_sentences(&[3, 4, 2, 9, 1], 7), vec![0..2, 2..3, 3..4, 4..5]);
+        assert_eq!(
+            pack_sentences(&[3, 4, 2, 9, 1], 7),
+            vec![0..2, 2..3, 3..4, 4..5]
+        );
         assert_eq!(pack_sentences(&[3, 4, 2], 100), vec![0..3]);
         assert!(pack_sentences(&[], 5).is_empty());
     }

@@ -56,3 +56,19 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
     dot / (na * nb).max(1e-12)
 }
+
+/// An example binary built beside the running test (`cargo test` builds the examples).
+pub fn example_binary(name: &str) -> PathBuf {
+    let deps = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let bin = deps.parent().unwrap().join("examples").join(name);
+    assert!(
+        bin.is_file(),
+        "{} missing: `cargo test` builds the examples",
+        bin.display()
+    );
+    bin
+}
