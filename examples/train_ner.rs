@@ -312,6 +312,14 @@ fn main() -> Result<()> {
                 args.layers
             ));
             encode(&embedder, &mut split, &cache)?;
+            if let Some(keep) = args.kind {
+                // Only one kind is trained: free the others (gigabytes on all the data).
+                for (k, f) in split.features.iter_mut().enumerate() {
+                    if k != keep {
+                        *f = Vec::new();
+                    }
+                }
+            }
             if split_name == "train" {
                 data_note.push(format!(
                     "{lang}/train.conll: {kept} of {} sentences ({} words)",
