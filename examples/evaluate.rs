@@ -197,8 +197,17 @@ fn main() -> Result<()> {
             }
             let started = std::time::Instant::now();
             let mut predicted = Vec::with_capacity(sentences.len());
-            for chunk in sentences.chunks(64) {
-                let words: Vec<Vec<String>> = chunk.iter().map(|s| s.tokens.clone()).collect();
+            // Calls cut at the same run boundaries `tag_words` packs by, so every sentence gets
+            // the context it had in training whatever the call size.
+            let pack = analyzer.ner_card().map_or(200, |c| c.pack_words);
+            let counts: Vec<usize> = sentences.iter().map(|s| s.tokens.len()).collect();
+            let runs = themescan::train::conll::pack_sentences(&counts, pack.max(1));
+            for group in runs.chunks(16) {
+                let (first, last) = (group[0].start, group[group.len() - 1].end);
+                let words: Vec<Vec<String>> = sentences[first..last]
+                    .iter()
+                    .map(|s| s.tokens.clone())
+                    .collect();
                 predicted.extend(analyzer.tag_words(&words)?);
             }
             let gold: Vec<Vec<Tag>> = sentences.iter().map(|s| s.tags.clone()).collect();
