@@ -261,7 +261,7 @@ fn classify_keeps_the_jsonl_contract() {
     }
     assert!(
         out[2]["error"].as_str().unwrap().contains("line 3")
-            && out[4]["error"].as_str().unwrap().contains("invalid JSON")
+            && out[4]["error"].as_str().unwrap().contains("broken JSON")
     );
     assert!(
         out[0]["labels"]

@@ -14,7 +14,10 @@ fuzz_target!(|data: &[u8]| {
         .map(|r| r.expect("reading from memory cannot fail"))
         .collect();
     assert_eq!(records.len(), lines);
-    assert_eq!(records.iter().map(|r| r.bytes).sum::<u64>(), data.len() as u64);
+    assert_eq!(
+        records.iter().map(|r| r.bytes).sum::<u64>(),
+        data.len() as u64
+    );
     for (i, r) in records.iter().enumerate() {
         assert_eq!(r.position, i + 1);
         if let Ok(text) = &r.text {

@@ -12,7 +12,10 @@ use themescan::text::{plan_windows, TextEncoder, WindowConfig};
 fn encoder() -> &'static TextEncoder {
     static ENCODER: OnceLock<TextEncoder> = OnceLock::new();
     ENCODER.get_or_init(|| {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/multilingual-e5-small/tokenizer.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/multilingual-e5-small/tokenizer.json"
+        );
         // Small windows, so that short inputs span several of them.
         let window = WindowConfig {
             max_tokens: 24,
