@@ -237,17 +237,23 @@ fn spawn_reader(
                 bytes += r.text.as_ref().map_or(0, String::len);
                 records.push(r);
             }
-            let articles: Vec<Article> = records
-                .iter()
-                .filter_map(|r| Some(Article::new(r.id.clone()?, r.text.clone().ok()?)))
-                .collect();
-            let prepared = analyzer.prepare(articles).map_err(|e| format!("{e}"));
+            let prepared = analyzer
+                .prepare(articles_of(&records))
+                .map_err(|e| format!("{e}"));
             if tx.send(Ok(Chunk { records, prepared })).is_err() {
                 return;
             }
         }
     });
     (rx, handle)
+}
+
+/// The records that have an id and a text, as articles, in order.
+fn articles_of(records: &[InputRecord]) -> Vec<Article> {
+    records
+        .iter()
+        .filter_map(|r| Some(Article::new(r.id.clone()?, r.text.clone().ok()?)))
+        .collect()
 }
 
 /// Analyses a prepared chunk; if that fails, one article at a time, so that a failure stays
@@ -257,17 +263,11 @@ fn analyze_chunk(
     chunk: Chunk,
 ) -> (Vec<InputRecord>, Vec<Result<Analysis, String>>) {
     let Chunk { records, prepared } = chunk;
-    let articles: Vec<Article> = match &prepared {
-        Ok(p) => p.articles().to_vec(),
-        Err(_) => records
-            .iter()
-            .filter_map(|r| Some(Article::new(r.id.clone()?, r.text.clone().ok()?)))
-            .collect(),
-    };
     let all = prepared.and_then(|p| analyzer.analyze_prepared(p).map_err(|e| format!("{e}")));
     let results = match all {
         Ok(all) => all.into_iter().map(Ok).collect(),
-        Err(_) => articles
+        // Rare: the articles are rebuilt from their records only then.
+        Err(_) => articles_of(&records)
             .iter()
             .map(|a| analyzer.analyze(a).map_err(|e| format!("{e}")))
             .collect(),

@@ -97,6 +97,22 @@ fn read_examples(input: &Path) -> Result<Vec<ThemeExample>> {
     Ok(out)
 }
 
+fn analyzer(
+    model: Option<PathBuf>,
+    heads: Option<PathBuf>,
+    threads: Option<usize>,
+) -> Result<Analyzer> {
+    let mut builder =
+        Analyzer::builder().model(model.map_or(ModelSource::Default, ModelSource::Folder));
+    if let Some(h) = heads {
+        builder = builder.heads(h);
+    }
+    if let Some(t) = threads {
+        builder = builder.threads(t);
+    }
+    Ok(builder.build()?)
+}
+
 fn main() -> Result<()> {
     match Args::parse().command {
         Command::Themes {
@@ -117,15 +133,7 @@ fn main() -> Result<()> {
             if examples.is_empty() {
                 bail!("no labelled examples in {}", input.display());
             }
-            let mut builder =
-                Analyzer::builder().model(model.map_or(ModelSource::Default, ModelSource::Folder));
-            if let Some(h) = heads {
-                builder = builder.heads(h);
-            }
-            if let Some(t) = threads {
-                builder = builder.threads(t);
-            }
-            let analyzer = builder.build()?;
+            let analyzer = analyzer(model, heads, threads)?;
             let started = std::time::Instant::now();
             let mut predicted = Vec::with_capacity(examples.len());
             for chunk in examples.chunks(32) {
@@ -183,33 +191,13 @@ fn main() -> Result<()> {
             threads,
         } => {
             let sentences = read_conll(&conll)?;
-            let mut builder =
-                Analyzer::builder().model(model.map_or(ModelSource::Default, ModelSource::Folder));
-            if let Some(h) = heads {
-                builder = builder.heads(h);
-            }
-            if let Some(t) = threads {
-                builder = builder.threads(t);
-            }
-            let analyzer = builder.build()?;
+            let analyzer = analyzer(model, heads, threads)?;
             if analyzer.ner_card().is_none() {
                 bail!("the heads folder has no NER head (ner.json, ner.safetensors)");
             }
             let started = std::time::Instant::now();
-            let mut predicted = Vec::with_capacity(sentences.len());
-            // Calls cut at the same run boundaries `tag_words` packs by, so every sentence gets
-            // the context it had in training whatever the call size.
-            let pack = analyzer.ner_card().map_or(200, |c| c.pack_words);
-            let counts: Vec<usize> = sentences.iter().map(|s| s.tokens.len()).collect();
-            let runs = themescan::train::conll::pack_sentences(&counts, pack.max(1));
-            for group in runs.chunks(16) {
-                let (first, last) = (group[0].start, group[group.len() - 1].end);
-                let words: Vec<Vec<String>> = sentences[first..last]
-                    .iter()
-                    .map(|s| s.tokens.clone())
-                    .collect();
-                predicted.extend(analyzer.tag_words(&words)?);
-            }
+            let words: Vec<Vec<String>> = sentences.iter().map(|s| s.tokens.clone()).collect();
+            let predicted = analyzer.tag_words(&words)?;
             let gold: Vec<Vec<Tag>> = sentences.iter().map(|s| s.tags.clone()).collect();
             let scores = score_entities(&gold, &predicted);
             let words: usize = gold.iter().map(Vec::len).sum();

@@ -284,7 +284,7 @@ impl Analyzer {
         }
         let mut groups = Vec::new();
         let mut start = 0;
-        // Tokens take ~30 bytes each in memory: tokenising a huge article's every segment up
+        // Tokens take ~35 bytes each in memory: tokenising a huge article's every segment up
         // front could cost gigabytes, so only the first few groups are tokenised here and the
         // rest one at a time in `analyze_prepared`.
         let mut ahead = 0;
@@ -342,9 +342,7 @@ impl Analyzer {
             };
             let states = self.embedder.token_states_of(tokenized)?;
             for ((i, r), s) in pieces[range].iter().zip(&states) {
-                let text = &articles[*i].text;
-                let whole = r.len() == text.len();
-                partials[*i].push(self.analyze_piece(text, r.clone(), s, whole)?);
+                partials[*i].push(self.analyze_piece(&articles[*i].text, r.clone(), s)?);
             }
         }
         Ok(articles
@@ -363,11 +361,11 @@ impl Analyzer {
         text: &str,
         range: Range<usize>,
         states: &TextStates,
-        whole: bool,
     ) -> Result<Partial> {
         let h = self.embedder.hidden_size();
         let width = self.card.input_size;
         let offset = range.start;
+        let whole = range.len() == text.len();
         let piece = &text[range];
         // Window scores: one head call over every window's pooled states.
         let mut rows = Vec::with_capacity(states.windows.len() * width);
@@ -483,23 +481,26 @@ impl Analyzer {
         };
         let counts: Vec<usize> = sentences.iter().map(Vec::len).collect();
         let runs = pack_sentences(&counts, card.pack_words.max(1));
-        let run_words: Vec<Vec<String>> = runs
-            .iter()
-            .map(|r| sentences[r.clone()].iter().flatten().cloned().collect())
-            .collect();
-        let texts: Vec<String> = run_words.iter().map(|w| w.join(" ")).collect();
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let states = self.embedder.token_states(&refs)?;
         let mut out = Vec::with_capacity(sentences.len());
-        for ((run, words), state) in runs.iter().zip(&run_words).zip(&states) {
-            let rows = state.word_states(words, card.token_source, card.word_pooling)?;
-            let (tags, _) = head.tag(&rows)?;
-            let mut tags = tags.into_iter();
-            for sentence in &sentences[run.clone()] {
-                let mut t: Vec<Tag> = tags.by_ref().take(sentence.len()).collect();
-                // A run is decoded as one sequence; a sentence still starts afresh.
-                repair_bio(&mut t);
-                out.push(t);
+        // A few runs per encoder call keeps memory bounded for a whole corpus.
+        for group in runs.chunks(16) {
+            let run_words: Vec<Vec<String>> = group
+                .iter()
+                .map(|r| sentences[r.clone()].iter().flatten().cloned().collect())
+                .collect();
+            let texts: Vec<String> = run_words.iter().map(|w| w.join(" ")).collect();
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let states = self.embedder.token_states(&refs)?;
+            for ((run, words), state) in group.iter().zip(&run_words).zip(&states) {
+                let rows = state.word_states(words, card.token_source, card.word_pooling)?;
+                let (tags, _) = head.tag(&rows)?;
+                let mut tags = tags.into_iter();
+                for sentence in &sentences[run.clone()] {
+                    let mut t: Vec<Tag> = tags.by_ref().take(sentence.len()).collect();
+                    // A run is decoded as one sequence; a sentence still starts afresh.
+                    repair_bio(&mut t);
+                    out.push(t);
+                }
             }
         }
         Ok(out)
@@ -525,13 +526,7 @@ impl Analyzer {
                 WordPooling::Mean => w.tokens.len(),
             };
             for &(win, row) in &w.tokens[..take] {
-                let window = &states.windows[win];
-                let table = match card.token_source {
-                    TokenSource::LastLayer => &window.hidden,
-                    TokenSource::LayerMean => window.layer_mean.as_ref().ok_or_else(|| {
-                        crate::Error::Setting("the embedder kept no layer-mean states".into())
-                    })?,
-                };
+                let table = states.windows[win].states(card.token_source)?;
                 for (o, v) in rows[at..].iter_mut().zip(table.row(row)) {
                     *o += v / take as f32;
                 }

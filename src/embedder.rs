@@ -242,6 +242,26 @@ pub struct WindowStates {
     pub content_offset: usize,
 }
 
+impl WindowStates {
+    /// The per-token states `source` names, `[ids.len(), hidden]`.
+    ///
+    /// # Errors
+    /// [`Error::Setting`] for [`TokenSource::LayerMean`] when the embedder was not built with
+    /// [`EmbedderBuilder::layer_mean`].
+    pub fn states(&self, source: TokenSource) -> Result<&Array2<f32>> {
+        match source {
+            TokenSource::LastLayer => Ok(&self.hidden),
+            TokenSource::LayerMean => self.layer_mean.as_ref().ok_or_else(|| {
+                Error::Setting(
+                    "layer-mean token states were asked for, but the embedder was built \
+                     without `layer_mean(k)`"
+                        .into(),
+                )
+            }),
+        }
+    }
+}
+
 /// The encoder's output for one text.
 #[derive(Debug, Clone)]
 pub struct TextStates {
@@ -274,16 +294,7 @@ impl TextStates {
             .windows
             .iter()
             .map(|w| {
-                let table = match source {
-                    TokenSource::LastLayer => &w.hidden,
-                    TokenSource::LayerMean => w.layer_mean.as_ref().ok_or_else(|| {
-                        Error::Setting(
-                            "layer-mean token states were asked for, but the embedder was \
-                             built without `layer_mean(k)`"
-                                .into(),
-                        )
-                    })?,
-                };
+                let table = w.states(source)?;
                 // (start byte, row) of every content token, ascending.
                 let starts: Vec<(usize, usize)> = w
                     .spans

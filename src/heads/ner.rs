@@ -280,19 +280,8 @@ impl NerHead {
     /// [`Error::ModelFolder`] if a file is missing, [`Error::Config`] for a bad card, a tensor
     /// error for missing or misshapen weights.
     pub fn from_folder(folder: &Path, device: &Device) -> Result<(Self, NerCard)> {
-        let card_path = folder.join(NER_HEAD_CARD);
-        let weights_path = folder.join(NER_HEAD_WEIGHTS);
-        for p in [&card_path, &weights_path] {
-            if !p.is_file() {
-                return Err(Error::ModelFolder {
-                    path: folder.to_path_buf(),
-                    message: format!(
-                        "no `{}`: train the NER head with `cargo run --release --example train_ner`",
-                        p.file_name().and_then(|n| n.to_str()).unwrap_or_default()
-                    ),
-                });
-            }
-        }
+        let (card_path, weights_path) =
+            super::head_files(folder, NER_HEAD_CARD, NER_HEAD_WEIGHTS, "train_ner")?;
         let text = std::fs::read_to_string(&card_path).map_err(|e| Error::io(&card_path, e))?;
         let card: NerCard = serde_json::from_str(&text).map_err(|e| Error::Config {
             path: card_path.clone(),

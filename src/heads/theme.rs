@@ -230,19 +230,8 @@ impl ThemeHead {
     /// [`Error::ModelFolder`] if a file is missing, [`Error::Config`] for a bad card, a
     /// tensor error for weights that do not match the card.
     pub fn from_folder(folder: &Path, device: &Device) -> Result<(Self, ThemeCard)> {
-        let card_path = folder.join(THEME_HEAD_CARD);
-        let weights_path = folder.join(THEME_HEAD_WEIGHTS);
-        for p in [&card_path, &weights_path] {
-            if !p.is_file() {
-                return Err(Error::ModelFolder {
-                    path: folder.to_path_buf(),
-                    message: format!(
-                        "no `{}`: train the theme head with `cargo run --release --example train_themes`",
-                        p.file_name().and_then(|n| n.to_str()).unwrap_or_default()
-                    ),
-                });
-            }
-        }
+        let (card_path, weights_path) =
+            super::head_files(folder, THEME_HEAD_CARD, THEME_HEAD_WEIGHTS, "train_themes")?;
         let card = ThemeCard::read(&card_path)?;
         let data = std::fs::read(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
         let vb = VarBuilder::from_buffered_safetensors(data, DType::F32, device)?;
