@@ -37,6 +37,9 @@ struct Args {
     /// cpu, cuda, cuda:N, metal or auto.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// CPU code path: auto (int8 where the CPU has AVX-512 VNNI), int8 or reference.
+    #[arg(long, default_value = "auto")]
+    cpu_path: themescan::CpuPath,
     /// Records embedded per call (more records let batches mix lengths better).
     #[arg(long, default_value_t = 64)]
     chunk: usize,
@@ -92,7 +95,8 @@ fn main() -> anyhow::Result<()> {
         .map_or(ModelSource::Default, ModelSource::Folder);
     let mut builder = Embedder::builder()
         .model(source)
-        .device(themescan::device::select_device(&args.device)?);
+        .device(themescan::device::select_device(&args.device)?)
+        .cpu_path(args.cpu_path);
     if let Some(b) = args.batch_tokens {
         builder = builder.batch_tokens(b);
     }

@@ -69,6 +69,7 @@ pub use embedder::{
     Embedder, EmbedderBuilder, Embeddings, TextStates, TokenSource, WindowStates, WordPooling,
     PASSAGE_PREFIX,
 };
+pub use encoder::CpuPath;
 pub use error::{Error, Result};
 pub use themes::{Evidence, Theme, ThemeScore};
 pub use weights::ModelSource;

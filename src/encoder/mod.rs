@@ -6,25 +6,66 @@
 //! heads do with its output.
 
 mod config;
+pub mod int8;
 pub mod layers;
 
 use candle_core::{DType, Device, Tensor};
 
 pub use config::{EncoderConfig, HiddenAct};
+use int8::gemm::Kernel;
+use int8::Int8Encoder;
 use layers::{Embeddings, Layer};
 
 use crate::batch::Batch;
 use crate::error::{Error, Result};
 use crate::weights::Checkpoint;
 
+/// Which code runs the encoder on a CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuPath {
+    /// [`CpuPath::Int8`] on CPUs with AVX-512 VNNI, else [`CpuPath::Reference`]. The default.
+    #[default]
+    Auto,
+    /// Int8 matrix products over packed sequences ([`int8`]): with AVX-512 VNNI where the CPU
+    /// has it, else in portable Rust (same results, much slower; for tests on any CPU).
+    Int8,
+    /// candle's kernels over the weights as stored (f32, or Q4_0 through `QMatMul`): the
+    /// reference the int8 path is measured against.
+    Reference,
+}
+
+impl std::str::FromStr for CpuPath {
+    type Err = Error;
+
+    /// `auto`, `int8` or `reference`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(CpuPath::Auto),
+            "int8" => Ok(CpuPath::Int8),
+            "reference" => Ok(CpuPath::Reference),
+            other => Err(Error::Setting(format!(
+                "unknown CPU path `{other}`: expected auto, int8 or reference"
+            ))),
+        }
+    }
+}
+
 /// A BERT-family encoder (BERT, XLM-RoBERTa, multilingual-e5).
 #[derive(Debug, Clone)]
 pub struct Encoder {
-    embeddings: Embeddings,
-    layers: Vec<Layer>,
+    compute: Compute,
     config: EncoderConfig,
     device: Device,
     dtype: DType,
+}
+
+#[derive(Debug, Clone)]
+enum Compute {
+    Candle {
+        embeddings: Embeddings,
+        layers: Vec<Layer>,
+    },
+    Int8(Int8Encoder),
 }
 
 /// What one forward pass gives.
@@ -48,20 +89,42 @@ impl EncoderOutput {
 }
 
 impl Encoder {
-    /// Builds the encoder from a loaded checkpoint.
+    /// Builds the encoder from a loaded checkpoint, on the [`CpuPath::Auto`] path.
     ///
     /// # Errors
     /// [`Error::Tensor`] naming the first missing or misshapen tensor.
     pub fn load(checkpoint: &Checkpoint) -> Result<Self> {
+        Self::load_with(checkpoint, CpuPath::Auto)
+    }
+
+    /// Builds the encoder from a loaded checkpoint. `cpu_path` applies to f32 checkpoints on
+    /// the CPU; other devices and dtypes always run candle's kernels.
+    ///
+    /// # Errors
+    /// [`Error::Tensor`] naming the first missing or misshapen tensor; [`Error::Setting`] if
+    /// [`CpuPath::Int8`] is asked for a model whose activation that path lacks.
+    pub fn load_with(checkpoint: &Checkpoint, cpu_path: CpuPath) -> Result<Self> {
         let w = checkpoint.root();
         let cfg = checkpoint.config().clone();
-        let embeddings = Embeddings::load(&w.pp("embeddings"), &cfg)?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer::load(&w.pp("encoder").pp("layer").pp(i), &cfg))
-            .collect::<Result<Vec<_>>>()?;
+        let on_cpu_f32 = checkpoint.device().is_cpu() && checkpoint.dtype() == DType::F32;
+        let kernel = match cpu_path {
+            CpuPath::Auto if on_cpu_f32 && cfg.hidden_act == HiddenAct::Gelu => {
+                Some(Kernel::detect()).filter(|&k| k == Kernel::Vnni)
+            }
+            CpuPath::Int8 if on_cpu_f32 => Some(Kernel::detect()),
+            _ => None,
+        };
+        let compute = match kernel {
+            Some(kernel) => Compute::Int8(Int8Encoder::load(&w, &cfg, kernel)?),
+            None => Compute::Candle {
+                embeddings: Embeddings::load(&w.pp("embeddings"), &cfg)?,
+                layers: (0..cfg.num_hidden_layers)
+                    .map(|i| Layer::load(&w.pp("encoder").pp("layer").pp(i), &cfg))
+                    .collect::<Result<Vec<_>>>()?,
+            },
+        };
         Ok(Encoder {
-            embeddings,
-            layers,
+            compute,
             config: cfg,
             device: checkpoint.device().clone(),
             dtype: checkpoint.dtype(),
@@ -71,6 +134,14 @@ impl Encoder {
     /// The encoder's sizes.
     pub fn config(&self) -> &EncoderConfig {
         &self.config
+    }
+
+    /// The path this encoder runs: [`CpuPath::Int8`] or [`CpuPath::Reference`].
+    pub fn cpu_path(&self) -> CpuPath {
+        match self.compute {
+            Compute::Int8(_) => CpuPath::Int8,
+            Compute::Candle { .. } => CpuPath::Reference,
+        }
     }
 
     /// Device the weights live on.
@@ -102,12 +173,16 @@ impl Encoder {
         }
         let mask =
             Tensor::from_vec(batch.mask(), (rows, len), &self.device)?.to_dtype(self.dtype)?;
+        let (embeddings, layers) = match &self.compute {
+            Compute::Int8(encoder) => return self.forward_int8(encoder, batch, mask, k),
+            Compute::Candle { embeddings, layers } => (embeddings, layers),
+        };
         let bias = layers::attention_bias(&mask, self.dtype)?;
-        let mut hidden = self.embeddings.forward(batch.ids(), rows, len)?;
-        let k = k.min(self.layers.len());
-        let first_summed = self.layers.len() - k;
+        let mut hidden = embeddings.forward(batch.ids(), rows, len)?;
+        let k = k.min(layers.len());
+        let first_summed = layers.len() - k;
         let mut sum: Option<Tensor> = None;
-        for (i, layer) in self.layers.iter().enumerate() {
+        for (i, layer) in layers.iter().enumerate() {
             hidden = layer.forward(&hidden, &bias)?;
             if k > 1 && i >= first_summed {
                 sum = Some(match sum {
@@ -121,6 +196,37 @@ impl Encoder {
             hidden,
             mask,
             layer_mean,
+        })
+    }
+
+    /// The int8 path on the batch's unpadded rows, scattered back into the padded layout the
+    /// rest of the crate reads.
+    fn forward_int8(
+        &self,
+        encoder: &Int8Encoder,
+        batch: &Batch,
+        mask: Tensor,
+        k: usize,
+    ) -> Result<EncoderOutput> {
+        let (rows, len, h) = (batch.rows(), batch.max_len(), self.config.hidden_size);
+        let mut ids = Vec::with_capacity(batch.lengths().iter().sum());
+        for (row, &n) in batch.ids().chunks(len.max(1)).zip(batch.lengths()) {
+            ids.extend_from_slice(&row[..n]);
+        }
+        let states = encoder.forward(&ids, batch.lengths(), k)?;
+        let pad = |packed: Vec<f32>| -> Result<Tensor> {
+            let mut padded = vec![0f32; rows * len * h];
+            let mut start = 0;
+            for (dst, &n) in padded.chunks_mut((len * h).max(1)).zip(batch.lengths()) {
+                dst[..n * h].copy_from_slice(&packed[start * h..(start + n) * h]);
+                start += n;
+            }
+            Ok(Tensor::from_vec(padded, (rows, len, h), &self.device)?)
+        };
+        Ok(EncoderOutput {
+            hidden: pad(states.hidden)?,
+            mask,
+            layer_mean: states.layer_mean.map(pad).transpose()?,
         })
     }
 }
