@@ -21,6 +21,13 @@ struct ContextPtr(*mut f32);
 unsafe impl Send for ContextPtr {}
 unsafe impl Sync for ContextPtr {}
 
+impl ContextPtr {
+    /// A method, so that closures capture the wrapper (which is `Send`), not its raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Multi-head attention for packed sequences.
 ///
 /// `qkv`: `[tokens, 3 · hidden]`, each row `[query | key | value]` with queries already scaled
@@ -48,11 +55,10 @@ pub fn attend(
         .collect();
     tasks.into_par_iter().for_each(|(s, h)| {
         let rows = sequences[s].clone();
-        let out = out;
         SCORES.with_borrow_mut(|scores| {
             // SAFETY: `rows` lies within the `tokens` rows of `qkv` and `context`; this task
             // alone writes columns `h · head_dim ..` of those rows.
-            unsafe { attend_head(qkv, rows, h, head_dim, hidden, out.0, scores, kernel) }
+            unsafe { attend_head(qkv, rows, h, head_dim, hidden, out.get(), scores, kernel) }
         });
     });
 }

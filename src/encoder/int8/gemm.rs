@@ -238,6 +238,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// A method, so that closures capture the wrapper (which is `Send`), not its raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `out = a · wᵀ` (+ bias), with `out` row-major `[a.rows(), w.outputs()]`.
 ///
 /// # Panics
@@ -256,10 +263,9 @@ pub fn matmul(a: &QuantizedRows, w: &PackedMatrix, out: &mut [f32], kernel: Kern
     (0..row_blocks * panels).into_par_iter().for_each(|task| {
         let (block, panel) = (task / panels, task % panels);
         let rows = block * TASK_ROWS..((block + 1) * TASK_ROWS).min(m);
-        let ptr = ptr;
         // SAFETY: this task alone writes rows `rows` × columns of panel `panel`; the pointer
         // covers `m · n` floats and stays alive while `matmul` runs.
-        unsafe { panel_block(a, w, rows, panel, ptr.0, kernel) };
+        unsafe { panel_block(a, w, rows, panel, ptr.get(), kernel) };
     });
 }
 
