@@ -291,12 +291,32 @@ unsafe fn panel_block(
     while r < rows.end {
         let tile = TILE_ROWS.min(rows.end - r);
         let a_rows = &a.data[r * a.stride..(r + tile) * a.stride];
-        match kernel {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Kernel::Vnni` is only chosen when the CPU has the features.
-            Kernel::Vnni => unsafe { vnni::tile(a_rows, a.stride, weights, groups, &mut acc) },
-            _ => portable_tile(a_rows, a.stride, weights, groups, &mut acc),
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Vnni {
+            let epilogue = vnni::Epilogue {
+                rows: &a.scales[r..r + tile],
+                w_scales: &w.scales[col0..col0 + PANEL],
+                w_sums: &w.sums[col0..col0 + PANEL],
+                bias: &w.bias[col0..col0 + PANEL],
+                cols,
+            };
+            // SAFETY: `Kernel::Vnni` is only chosen when the CPU has the features; the tile's
+            // rows × `cols` columns at `out` are this block's.
+            unsafe {
+                vnni::tile(
+                    a_rows,
+                    a.stride,
+                    weights,
+                    groups,
+                    &epilogue,
+                    out.add(r * w.n + col0),
+                    w.n,
+                )
+            };
+            r += tile;
+            continue;
         }
+        portable_tile(a_rows, a.stride, weights, groups, &mut acc);
         for (t, acc) in acc.iter().enumerate().take(tile) {
             let row = r + t;
             let row_scale = a.scales[row];
@@ -360,28 +380,44 @@ fn portable_tile(
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::{PANEL, TILE_ROWS};
+    use super::{RowScale, PANEL};
     use std::arch::x86_64::*;
 
-    /// The integer sums of up to [`TILE_ROWS`] rows × one panel with `vpdpbusd`.
+    /// What turns a tile's integer sums into outputs; the same arithmetic as `epilogue`, so
+    /// that both kernels give the same bits.
+    pub struct Epilogue<'a> {
+        /// One per tile row.
+        pub rows: &'a [RowScale],
+        /// The panel's [`PANEL`] columns (padded past `cols`).
+        pub w_scales: &'a [f32],
+        pub w_sums: &'a [i32],
+        pub bias: &'a [f32],
+        /// Columns to write (fewer than [`PANEL`] at the right edge of the matrix).
+        pub cols: usize,
+    }
+
+    /// Up to 6 rows × one panel with `vpdpbusd`, written to `out` (row `r` at `out + r · ldo`).
     ///
     /// # Safety
-    /// The CPU must have AVX-512 F, BW and VNNI.
+    /// The CPU must have AVX-512 F, BW and VNNI; `out` must be writable for the tile's rows ×
+    /// `cols`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn tile(
         a: &[u8],
         stride: usize,
         panel: &[i8],
         groups: usize,
-        acc: &mut [[i32; PANEL]; TILE_ROWS],
+        epilogue: &Epilogue<'_>,
+        out: *mut f32,
+        ldo: usize,
     ) {
         match a.len() / stride {
-            6 => rows::<6>(a, stride, panel, groups, acc),
-            5 => rows::<5>(a, stride, panel, groups, acc),
-            4 => rows::<4>(a, stride, panel, groups, acc),
-            3 => rows::<3>(a, stride, panel, groups, acc),
-            2 => rows::<2>(a, stride, panel, groups, acc),
-            _ => rows::<1>(a, stride, panel, groups, acc),
+            6 => rows::<6>(a, stride, panel, groups, epilogue, out, ldo),
+            5 => rows::<5>(a, stride, panel, groups, epilogue, out, ldo),
+            4 => rows::<4>(a, stride, panel, groups, epilogue, out, ldo),
+            3 => rows::<3>(a, stride, panel, groups, epilogue, out, ldo),
+            2 => rows::<2>(a, stride, panel, groups, epilogue, out, ldo),
+            _ => rows::<1>(a, stride, panel, groups, epilogue, out, ldo),
         }
     }
 
@@ -392,9 +428,12 @@ mod vnni {
         stride: usize,
         panel: &[i8],
         groups: usize,
-        acc: &mut [[i32; PANEL]; TILE_ROWS],
+        epilogue: &Epilogue<'_>,
+        out: *mut f32,
+        ldo: usize,
     ) {
         debug_assert!(a.len() >= R * stride && panel.len() >= groups * PANEL * 4);
+        debug_assert!(epilogue.rows.len() >= R && epilogue.w_scales.len() >= PANEL);
         let mut sums = [[_mm512_setzero_si512(); 4]; R];
         let a = a.as_ptr();
         let mut w = panel.as_ptr();
@@ -415,9 +454,24 @@ mod vnni {
             }
             w = w.add(PANEL * 4);
         }
-        for (sums, acc) in sums.iter().zip(acc.iter_mut()) {
-            for (z, s) in sums.iter().enumerate() {
-                _mm512_storeu_si512(acc[z * 16..].as_mut_ptr() as *mut _, *s);
+        for z in 0..4 {
+            let valid = epilogue.cols.saturating_sub(z * 16).min(16);
+            if valid == 0 {
+                break;
+            }
+            let mask: __mmask16 = if valid == 16 { !0 } else { (1u16 << valid) - 1 };
+            let w_scale = _mm512_loadu_ps(epilogue.w_scales.as_ptr().add(z * 16));
+            let w_sum = _mm512_loadu_si512(epilogue.w_sums.as_ptr().add(z * 16) as *const _);
+            let bias = _mm512_loadu_ps(epilogue.bias.as_ptr().add(z * 16));
+            for (r, sums) in sums.iter().enumerate() {
+                let row = epilogue.rows[r];
+                let centred = _mm512_sub_epi32(
+                    sums[z],
+                    _mm512_mullo_epi32(_mm512_set1_epi32(row.zero), w_sum),
+                );
+                let scale = _mm512_mul_ps(_mm512_set1_ps(row.scale), w_scale);
+                let y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(centred), scale), bias);
+                _mm512_mask_storeu_ps(out.add(r * ldo + z * 16), mask, y);
             }
         }
     }

@@ -69,6 +69,7 @@ pub struct Int8Encoder {
     config: EncoderConfig,
     eps: f32,
     kernel: Kernel,
+    attention: attention::Precision,
 }
 
 /// Per-token states of one forward pass, rows packed sequence after sequence.
@@ -137,6 +138,7 @@ impl Int8Encoder {
             config: config.clone(),
             eps: config.layer_norm_eps as f32,
             kernel,
+            attention: attention::Precision::detect(kernel, config.head_dim()),
         })
     }
 
@@ -165,6 +167,7 @@ impl Int8Encoder {
 
         let mut x = self.embed(ids, &sequences)?;
         let mut qkv = vec![0f32; tokens * 3 * h];
+        let mut qkv_bf16 = Vec::new();
         let mut context = vec![0f32; tokens * h];
         let mut projected = vec![0f32; tokens * h];
         let mut mid = vec![0f32; tokens * ff];
@@ -182,7 +185,9 @@ impl Int8Encoder {
                 cfg.num_attention_heads,
                 cfg.head_dim(),
                 &mut context,
+                &mut qkv_bf16,
                 kernel,
+                self.attention,
             );
             quantized.quantize(&context, h, kernel);
             gemm::matmul(&quantized, &layer.attention_output, &mut projected, kernel);

@@ -122,6 +122,19 @@ pub fn small_integer_bits(v: f32) -> u32 {
     (v + 8_388_608.0).to_bits() & 0x007f_ffff
 }
 
+/// `eˣ` to about 4e-5 relative error (degree-4 polynomial): enough where the result is rounded
+/// to bfloat16 (8 bits of mantissa) right after.
+#[inline(always)]
+fn exp_coarse(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0))));
+    p * f32::from_bits(small_integer_bits(n + 127.0) << 23)
+}
+
 /// GELU with the error function, `x · Φ(x)`; Φ from Abramowitz & Stegun 7.1.26 (absolute
 /// error of erf below 1.5e-7).
 #[inline(always)]
@@ -183,6 +196,39 @@ wide_fn! {
         let inv = 1.0 / sum(x);
         for x in x.iter_mut() {
             *x *= inv;
+        }
+    }
+}
+
+/// The bfloat16 nearest to `x` (ties to even), as its bits. NaN is not expected.
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+wide_fn! {
+    /// Softmax over `scores` written as bfloat16 into `probs[..scores.len()]`; the rest of
+    /// `probs` (padding keys) is set to zero. `scores` is overwritten.
+    pub fn softmax_to_bf16(kernel: Kernel, scores: &mut [f32], probs: &mut [u16]) {
+        let m = max(scores);
+        for x in scores.iter_mut() {
+            *x = exp_coarse(*x - m);
+        }
+        let inv = 1.0 / sum(scores);
+        let (real, padding) = probs.split_at_mut(scores.len());
+        for (p, &x) in real.iter_mut().zip(scores.iter()) {
+            *p = bf16_bits(x * inv);
+        }
+        padding.fill(0);
+    }
+}
+
+wide_fn! {
+    /// Converts `x` to bfloat16 bits, element by element.
+    pub fn to_bf16(kernel: Kernel, x: &[f32], out: &mut [u16]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = bf16_bits(v);
         }
     }
 }
