@@ -393,6 +393,11 @@ impl Embedder {
         EmbedderBuilder::default()
     }
 
+    /// What runs the encoder, for logs (see [`Encoder::describe`]).
+    pub fn describe_compute(&self) -> String {
+        self.inner.encoder.describe()
+    }
+
     /// Width of the embeddings and hidden states.
     pub fn hidden_size(&self) -> usize {
         self.inner.encoder.config().hidden_size

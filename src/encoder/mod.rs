@@ -144,6 +144,19 @@ impl Encoder {
         }
     }
 
+    /// What runs the encoder, for logs: `int8 (AVX-512 VNNI), attention bf16`, or the
+    /// reference path's device and dtype.
+    pub fn describe(&self) -> String {
+        match &self.compute {
+            Compute::Int8(encoder) => encoder.describe(),
+            Compute::Candle { .. } => format!(
+                "reference (candle, {:?}, {})",
+                self.dtype,
+                if self.device.is_cpu() { "cpu" } else { "gpu" }
+            ),
+        }
+    }
+
     /// Device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device

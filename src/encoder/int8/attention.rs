@@ -67,64 +67,91 @@ impl ContextPtr {
     }
 }
 
-/// Multi-head attention for packed sequences.
-///
-/// `qkv`: `[tokens, 3 · hidden]`, each row `[query | key | value]` with queries already scaled
-/// by `1/√head_dim`; `sequences`: the row range of each sequence; `context`: `[tokens, hidden]`,
-/// written in full.
-pub fn attend(
-    qkv: &[f32],
-    sequences: &[Range<usize>],
+/// Multi-head attention for packed sequences: sizes and the code that runs it, fixed at load.
+#[derive(Debug, Clone, Copy)]
+pub struct MultiHeadAttention {
     heads: usize,
     head_dim: usize,
-    context: &mut [f32],
-    qkv_bf16: &mut Vec<u16>,
     kernel: Kernel,
     precision: Precision,
-) {
-    let hidden = heads * head_dim;
-    if precision == Precision::Bf16 {
-        // Converted once here, in long rows: per head and row it would be 3 calls of 32 values.
-        qkv_bf16.resize(qkv.len(), 0);
-        qkv_bf16
-            .par_chunks_mut(3 * hidden * 16)
-            .zip(qkv.par_chunks(3 * hidden * 16))
-            .for_each(|(out, x)| to_bf16(kernel, x, out));
+}
+
+impl MultiHeadAttention {
+    /// Attention with `heads` heads of `head_dim`, in the best [`Precision`] the CPU allows.
+    pub fn new(heads: usize, head_dim: usize, kernel: Kernel) -> Self {
+        MultiHeadAttention {
+            heads,
+            head_dim,
+            kernel,
+            precision: Precision::detect(kernel, head_dim),
+        }
     }
-    let qkv_bf16: &[u16] = qkv_bf16;
-    assert_eq!(
-        qkv.len(),
-        3 * context.len(),
-        "qkv is not [tokens, 3 · hidden]"
-    );
-    let out = ContextPtr(context.as_mut_ptr());
-    let tasks: Vec<(usize, usize)> = sequences
-        .iter()
-        .enumerate()
-        .flat_map(|(s, _)| (0..heads).map(move |h| (s, h)))
-        .collect();
-    tasks.into_par_iter().for_each(|(s, h)| {
-        let rows = sequences[s].clone();
-        SCRATCH.with_borrow_mut(|scratch| {
-            let head = Head {
-                rows,
-                h,
-                head_dim,
-                hidden,
-            };
-            // SAFETY: `rows` lies within the `tokens` rows of `qkv` and `context`; this task
-            // alone writes columns `h · head_dim ..` of those rows.
-            unsafe {
-                match precision {
-                    #[cfg(target_arch = "x86_64")]
-                    Precision::Bf16 => {
-                        bf16::attend_head(qkv_bf16, &head, out.get(), scratch, kernel)
+
+    /// The precision products run in.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// `qkv`: `[tokens, 3 · hidden]`, each row `[query | key | value]` with queries already
+    /// scaled by `1/√head_dim`; `sequences`: the row range of each sequence, within `tokens`;
+    /// `context`: `[tokens, hidden]`, written in full; `qkv_bf16`: a buffer this call sizes.
+    pub fn forward(
+        &self,
+        qkv: &[f32],
+        sequences: &[Range<usize>],
+        context: &mut [f32],
+        qkv_bf16: &mut Vec<u16>,
+    ) {
+        let MultiHeadAttention {
+            heads,
+            head_dim,
+            kernel,
+            precision,
+        } = *self;
+        let hidden = heads * head_dim;
+        if precision == Precision::Bf16 {
+            // Converted once here, in long rows: per head and row it would be 3 calls of 32 values.
+            qkv_bf16.resize(qkv.len(), 0);
+            qkv_bf16
+                .par_chunks_mut(3 * hidden * 16)
+                .zip(qkv.par_chunks(3 * hidden * 16))
+                .for_each(|(out, x)| to_bf16(kernel, x, out));
+        }
+        let qkv_bf16: &[u16] = qkv_bf16;
+        assert_eq!(
+            qkv.len(),
+            3 * context.len(),
+            "qkv is not [tokens, 3 · hidden]"
+        );
+        let out = ContextPtr(context.as_mut_ptr());
+        let tasks: Vec<(usize, usize)> = sequences
+            .iter()
+            .enumerate()
+            .flat_map(|(s, _)| (0..heads).map(move |h| (s, h)))
+            .collect();
+        tasks.into_par_iter().for_each(|(s, h)| {
+            let rows = sequences[s].clone();
+            SCRATCH.with_borrow_mut(|scratch| {
+                let head = Head {
+                    rows,
+                    h,
+                    head_dim,
+                    hidden,
+                };
+                // SAFETY: `rows` lies within the `tokens` rows of `qkv` and `context`; this task
+                // alone writes columns `h · head_dim ..` of those rows.
+                unsafe {
+                    match precision {
+                        #[cfg(target_arch = "x86_64")]
+                        Precision::Bf16 => {
+                            bf16::attend_head(qkv_bf16, &head, out.get(), scratch, kernel)
+                        }
+                        _ => attend_head_f32(qkv, &head, out.get(), &mut scratch.scores, kernel),
                     }
-                    _ => attend_head_f32(qkv, &head, out.get(), &mut scratch.scores, kernel),
                 }
-            }
+            });
         });
-    });
+    }
 }
 
 /// One task: a sequence's rows and a head.

@@ -13,7 +13,7 @@
 //! Queries are pre-scaled by `1/√head_dim` in the packed weights, and query, key and value are
 //! one `[3 · hidden, hidden]` product.
 
-mod attention;
+pub mod attention;
 pub mod gemm;
 mod ops;
 
@@ -25,6 +25,7 @@ use rayon::prelude::*;
 use super::config::{EncoderConfig, HiddenAct};
 use crate::error::{Error, Result};
 use crate::weights::{EmbeddingTable, MatrixWeight, Weights};
+use attention::MultiHeadAttention;
 use gemm::{Kernel, PackedMatrix, QuantizedRows};
 
 /// Rows per parallel task in the row-wise passes.
@@ -69,7 +70,7 @@ pub struct Int8Encoder {
     config: EncoderConfig,
     eps: f32,
     kernel: Kernel,
-    attention: attention::Precision,
+    attention: MultiHeadAttention,
 }
 
 /// Per-token states of one forward pass, rows packed sequence after sequence.
@@ -138,13 +139,30 @@ impl Int8Encoder {
             config: config.clone(),
             eps: config.layer_norm_eps as f32,
             kernel,
-            attention: attention::Precision::detect(kernel, config.head_dim()),
+            attention: MultiHeadAttention::new(
+                config.num_attention_heads,
+                config.head_dim(),
+                kernel,
+            ),
         })
     }
 
     /// The kernel the matrix products use.
     pub fn kernel(&self) -> Kernel {
         self.kernel
+    }
+
+    /// What runs where, for logs: e.g. `int8 (AVX-512 VNNI), attention bf16`.
+    pub fn describe(&self) -> String {
+        let kernel = match self.kernel {
+            Kernel::Vnni => "AVX-512 VNNI",
+            Kernel::Portable => "portable",
+        };
+        let attention = match self.attention.precision() {
+            attention::Precision::Bf16 => "bf16",
+            attention::Precision::F32 => "f32",
+        };
+        format!("int8 ({kernel}), attention {attention}")
     }
 
     /// Runs the encoder over `sequences`, given as `ids` concatenated with their `lengths`.
@@ -179,16 +197,8 @@ impl Int8Encoder {
         for (i, layer) in self.layers.iter().enumerate() {
             quantized.quantize(&x, h, kernel);
             gemm::matmul(&quantized, &layer.qkv, &mut qkv, kernel);
-            attention::attend(
-                &qkv,
-                &sequences,
-                cfg.num_attention_heads,
-                cfg.head_dim(),
-                &mut context,
-                &mut qkv_bf16,
-                kernel,
-                self.attention,
-            );
+            self.attention
+                .forward(&qkv, &sequences, &mut context, &mut qkv_bf16);
             quantized.quantize(&context, h, kernel);
             gemm::matmul(&quantized, &layer.attention_output, &mut projected, kernel);
             // x ← LN(projected + x), then quantised for the intermediate product.
