@@ -55,6 +55,9 @@ struct Args {
     /// Encoder threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// CPU code path: auto (int8 where the CPU has AVX-512 VNNI), int8 or reference.
+    #[arg(long, default_value = "auto")]
+    cpu_path: themescan::CpuPath,
     /// Padded tokens per encoder batch (default: 1024 on CPU, 16384 on a GPU).
     #[arg(long)]
     batch_tokens: Option<usize>,
@@ -389,7 +392,8 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 .clone()
                 .map_or(ModelSource::Default, ModelSource::Folder),
         )
-        .device(themescan::device::select_device(&args.device)?);
+        .device(themescan::device::select_device(&args.device)?)
+        .embedder(|e| e.cpu_path(args.cpu_path));
     if let Some(h) = &args.heads {
         builder = builder.heads(h);
     }

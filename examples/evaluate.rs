@@ -23,7 +23,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use themescan::entities::Tag;
 use themescan::train::conll::{read_conll, score_entities};
 use themescan::train::{is_dev_story, macro_f1, read_theme_examples, theme_metrics, ThemeExample};
-use themescan::{Analyzer, Article, ModelSource, Theme};
+use themescan::{Analyzer, Article, CpuPath, ModelSource, Theme};
 
 #[derive(Parser)]
 #[command(about = "Evaluate themescan against labelled data")]
@@ -58,6 +58,9 @@ enum Command {
         /// Encoder threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// CPU code path: auto (int8 where the CPU has AVX-512 VNNI), int8 or reference.
+        #[arg(long, default_value = "auto")]
+        cpu_path: CpuPath,
     },
     /// Entity-level NER scoring of a CoNLL file (`token TAB tag`, blank line between sentences).
     Ner {
@@ -76,6 +79,9 @@ enum Command {
         /// Encoder threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// CPU code path: auto (int8 where the CPU has AVX-512 VNNI), int8 or reference.
+        #[arg(long, default_value = "auto")]
+        cpu_path: CpuPath,
     },
 }
 
@@ -101,9 +107,11 @@ fn analyzer(
     model: Option<PathBuf>,
     heads: Option<PathBuf>,
     threads: Option<usize>,
+    cpu_path: CpuPath,
 ) -> Result<Analyzer> {
-    let mut builder =
-        Analyzer::builder().model(model.map_or(ModelSource::Default, ModelSource::Folder));
+    let mut builder = Analyzer::builder()
+        .model(model.map_or(ModelSource::Default, ModelSource::Folder))
+        .embedder(|e| e.cpu_path(cpu_path));
     if let Some(h) = heads {
         builder = builder.heads(h);
     }
@@ -121,6 +129,7 @@ fn main() -> Result<()> {
             model,
             heads,
             threads,
+            cpu_path,
         } => {
             let examples: Vec<ThemeExample> = read_examples(&input)?
                 .into_iter()
@@ -133,7 +142,7 @@ fn main() -> Result<()> {
             if examples.is_empty() {
                 bail!("no labelled examples in {}", input.display());
             }
-            let analyzer = analyzer(model, heads, threads)?;
+            let analyzer = analyzer(model, heads, threads, cpu_path)?;
             let started = std::time::Instant::now();
             let mut predicted = Vec::with_capacity(examples.len());
             for chunk in examples.chunks(32) {
@@ -189,9 +198,10 @@ fn main() -> Result<()> {
             model,
             heads,
             threads,
+            cpu_path,
         } => {
             let sentences = read_conll(&conll)?;
-            let analyzer = analyzer(model, heads, threads)?;
+            let analyzer = analyzer(model, heads, threads, cpu_path)?;
             if analyzer.ner_card().is_none() {
                 bail!("the heads folder has no NER head (ner.json, ner.safetensors)");
             }

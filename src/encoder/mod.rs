@@ -29,6 +29,9 @@ pub enum CpuPath {
     /// Int8 matrix products over packed sequences ([`int8`]): with AVX-512 VNNI where the CPU
     /// has it, else in portable Rust (same results, much slower; for tests on any CPU).
     Int8,
+    /// The int8 path in portable Rust even where the CPU has VNNI: the same integer products
+    /// as [`CpuPath::Int8`] and f32 attention. For tests and kernel comparisons.
+    Int8Portable,
     /// candle's kernels over the weights as stored (f32, or Q4_0 through `QMatMul`): the
     /// reference the int8 path is measured against.
     Reference,
@@ -37,14 +40,15 @@ pub enum CpuPath {
 impl std::str::FromStr for CpuPath {
     type Err = Error;
 
-    /// `auto`, `int8` or `reference`.
+    /// `auto`, `int8`, `int8-portable` or `reference`.
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "auto" => Ok(CpuPath::Auto),
             "int8" => Ok(CpuPath::Int8),
+            "int8-portable" => Ok(CpuPath::Int8Portable),
             "reference" => Ok(CpuPath::Reference),
             other => Err(Error::Setting(format!(
-                "unknown CPU path `{other}`: expected auto, int8 or reference"
+                "unknown CPU path `{other}`: expected auto, int8, int8-portable or reference"
             ))),
         }
     }
@@ -112,6 +116,7 @@ impl Encoder {
                 Some(Kernel::detect()).filter(|&k| k == Kernel::Vnni)
             }
             CpuPath::Int8 if on_cpu_f32 => Some(Kernel::detect()),
+            CpuPath::Int8Portable if on_cpu_f32 => Some(Kernel::Portable),
             _ => None,
         };
         let compute = match kernel {

@@ -58,15 +58,18 @@ impl Kernel {
 }
 
 /// A weight matrix `[n, k]` (PyTorch's `Linear` layout) quantised to `i8` per output row and
-/// repacked into panels of [`PANEL`] outputs.
+/// laid out for one [`Kernel`], in panels of [`PANEL`] outputs.
 ///
-/// Panel layout: for each group of 4 inputs, 4 × 16 outputs × 4 bytes, so that one 64-byte load
-/// gives `vpdpbusd` 16 outputs' next 4 weights.
+/// For [`Kernel::Vnni`], a panel is, for each group of 4 inputs, 4 × 16 outputs × 4 bytes, so
+/// that one 64-byte load gives `vpdpbusd` 16 outputs' next 4 weights. For
+/// [`Kernel::Portable`], a panel is its 64 rows as they are, so that each output is one
+/// contiguous dot product, which compilers vectorise.
 #[derive(Debug, Clone)]
 pub struct PackedMatrix {
     n: usize,
     k: usize,
     k_padded: usize,
+    layout: Kernel,
     panels: Vec<i8>,
     scales: Vec<f32>,
     /// `Σ_k w_q[n, k]` per output.
@@ -75,12 +78,12 @@ pub struct PackedMatrix {
 }
 
 impl PackedMatrix {
-    /// Quantises `weight` (row-major `[n, k]`) and keeps `bias` (`[n]`).
+    /// Quantises `weight` (row-major `[n, k]`) for `kernel` and keeps `bias` (`[n]`).
     ///
     /// # Panics
     /// If the slices do not have `n · k` and `n` elements: callers pass checkpoint tensors whose
     /// shapes were checked at load.
-    pub fn quantize(weight: &[f32], bias: &[f32], n: usize, k: usize) -> Self {
+    pub fn quantize(weight: &[f32], bias: &[f32], n: usize, k: usize, kernel: Kernel) -> Self {
         assert_eq!(weight.len(), n * k, "weight is not [n, k]");
         assert_eq!(bias.len(), n, "bias is not [n]");
         let k_padded = k.div_ceil(4) * 4;
@@ -101,6 +104,18 @@ impl PackedMatrix {
             scales[j] = scale;
             sums[j] = q.iter().map(|&v| v as i32).sum::<i32>();
         }
+        if kernel == Kernel::Portable {
+            return PackedMatrix {
+                n,
+                k,
+                k_padded,
+                layout: kernel,
+                panels: rows,
+                scales,
+                sums,
+                bias: bias_padded,
+            };
+        }
         let mut panels = vec![0i8; n_padded * k_padded];
         let panel_bytes = PANEL * k_padded;
         for (p, panel) in panels.chunks_exact_mut(panel_bytes).enumerate() {
@@ -117,6 +132,7 @@ impl PackedMatrix {
             n,
             k,
             k_padded,
+            layout: kernel,
             panels,
             scales,
             sums,
@@ -255,6 +271,7 @@ pub fn matmul(a: &QuantizedRows, w: &PackedMatrix, out: &mut [f32], kernel: Kern
         "activation width is not the weight's input width"
     );
     assert_eq!(a.stride, w.k_padded);
+    assert_eq!(w.layout, kernel, "weights packed for another kernel");
     let m = a.rows();
     assert_eq!(out.len(), m * w.n, "output is not [rows, outputs]");
     let panels = w.n.div_ceil(PANEL);
@@ -316,7 +333,7 @@ unsafe fn panel_block(
             r += tile;
             continue;
         }
-        portable_tile(a_rows, a.stride, weights, groups, &mut acc);
+        portable_tile(a_rows, a.stride, weights, &mut acc);
         for (t, acc) in acc.iter().enumerate().take(tile) {
             let row = r + t;
             let row_scale = a.scales[row];
@@ -355,25 +372,14 @@ wide_fn! {
     }
 }
 
-/// The integer sums of up to [`TILE_ROWS`] rows × one panel, in plain Rust.
-fn portable_tile(
-    a: &[u8],
-    stride: usize,
-    panel: &[i8],
-    groups: usize,
-    acc: &mut [[i32; PANEL]; TILE_ROWS],
-) {
+/// The integer sums of up to [`TILE_ROWS`] rows × one panel, in plain Rust: one contiguous
+/// dot product per output, over the panel's rows.
+fn portable_tile(a: &[u8], stride: usize, panel: &[i8], acc: &mut [[i32; PANEL]; TILE_ROWS]) {
     let tile = a.len() / stride;
     for (t, acc) in acc.iter_mut().enumerate().take(tile) {
-        let row = &a[t * stride..(t + 1) * stride];
-        acc.fill(0);
-        for g in 0..groups {
-            let x = &row[g * 4..g * 4 + 4];
-            let wg = &panel[g * PANEL * 4..(g + 1) * PANEL * 4];
-            for (col, acc) in acc.iter_mut().enumerate() {
-                let wc = &wg[col * 4..col * 4 + 4];
-                *acc += (0..4).map(|i| x[i] as i32 * wc[i] as i32).sum::<i32>();
-            }
+        let x = &a[t * stride..(t + 1) * stride];
+        for (acc, w) in acc.iter_mut().zip(panel.chunks_exact(stride)) {
+            *acc = x.iter().zip(w).map(|(&x, &w)| x as i32 * w as i32).sum();
         }
     }
 }
@@ -493,7 +499,7 @@ mod tests {
         let x: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed) * 3.0).collect();
         let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed) * 0.2).collect();
         let b: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
-        let packed = PackedMatrix::quantize(&w, &b, n, k);
+        let packed = PackedMatrix::quantize(&w, &b, n, k, kernel);
         let mut q = QuantizedRows::default();
         q.quantize(&x, k, kernel);
         let mut out = vec![0f32; m * n];
@@ -551,8 +557,25 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "timing, run by hand"]
+    fn portable_kernel_speed() {
+        let (m, n, k) = (300, 1152, 384);
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 - 6.0).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 - 3.0).collect();
+        let mut q = QuantizedRows::default();
+        q.quantize(&x, k, Kernel::Portable);
+        let mut out = vec![0f32; m * n];
+        for kernel in [Kernel::Portable, Kernel::detect()] {
+            let packed = PackedMatrix::quantize(&w, &vec![0.0; n], n, k, kernel);
+            let t = std::time::Instant::now();
+            matmul(&q, &packed, &mut out, kernel);
+            eprintln!("{kernel:?} {m}x{n}x{k}: {:?}", t.elapsed());
+        }
+    }
+
+    #[test]
     fn zero_rows_and_weights_give_the_bias() {
-        let packed = PackedMatrix::quantize(&[0.0; 8], &[1.5, -2.0], 2, 4);
+        let packed = PackedMatrix::quantize(&[0.0; 8], &[1.5, -2.0], 2, 4, Kernel::detect());
         let mut q = QuantizedRows::default();
         q.quantize(&[0.0; 4], 4, Kernel::Portable);
         let mut out = vec![0f32; 2];

@@ -118,11 +118,11 @@ impl Int8Encoder {
                 let (in_w, in_b) = linear(&l.pp("intermediate").pp("dense"), ff, h)?;
                 let (out_w, out_b) = linear(&l.pp("output").pp("dense"), h, ff)?;
                 Ok(Int8Layer {
-                    qkv: PackedMatrix::quantize(&qkv_w, &qkv_b, 3 * h, h),
-                    attention_output: PackedMatrix::quantize(&ao_w, &ao_b, h, h),
+                    qkv: PackedMatrix::quantize(&qkv_w, &qkv_b, 3 * h, h, kernel),
+                    attention_output: PackedMatrix::quantize(&ao_w, &ao_b, h, h, kernel),
                     attention_norm: Norm::load(&a.pp("output").pp("LayerNorm"), h)?,
-                    intermediate: PackedMatrix::quantize(&in_w, &in_b, ff, h),
-                    output: PackedMatrix::quantize(&out_w, &out_b, h, ff),
+                    intermediate: PackedMatrix::quantize(&in_w, &in_b, ff, h, kernel),
+                    output: PackedMatrix::quantize(&out_w, &out_b, h, ff, kernel),
                     output_norm: Norm::load(&l.pp("output").pp("LayerNorm"), h)?,
                 })
             })
