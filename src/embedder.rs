@@ -393,6 +393,12 @@ impl Embedder {
         EmbedderBuilder::default()
     }
 
+    /// The CPU path the encoder runs (see [`CpuPath::resolve`]); [`CpuPath::Reference`] on
+    /// GPUs.
+    pub fn cpu_path(&self) -> CpuPath {
+        self.inner.encoder.cpu_path()
+    }
+
     /// What runs the encoder, for logs (see [`Encoder::describe`]).
     pub fn describe_compute(&self) -> String {
         self.inner.encoder.describe()

@@ -54,6 +54,29 @@ impl std::str::FromStr for CpuPath {
     }
 }
 
+impl CpuPath {
+    /// What this setting runs on this CPU: [`CpuPath::Auto`] becomes [`CpuPath::Int8`] or
+    /// [`CpuPath::Reference`], and [`CpuPath::Int8`] becomes [`CpuPath::Int8Portable`] where
+    /// the CPU lacks AVX-512 VNNI. Results differ slightly between paths, so caches of
+    /// encoder outputs should be keyed by this.
+    ///
+    /// # Example
+    /// ```
+    /// use themescan::CpuPath;
+    /// assert_ne!(CpuPath::Auto.resolve(), CpuPath::Auto);
+    /// assert_eq!(CpuPath::Reference.resolve(), CpuPath::Reference);
+    /// ```
+    pub fn resolve(self) -> CpuPath {
+        let vnni = Kernel::detect() == Kernel::Vnni;
+        match self {
+            CpuPath::Auto if vnni => CpuPath::Int8,
+            CpuPath::Auto => CpuPath::Reference,
+            CpuPath::Int8 if !vnni => CpuPath::Int8Portable,
+            other => other,
+        }
+    }
+}
+
 /// A BERT-family encoder (BERT, XLM-RoBERTa, multilingual-e5).
 #[derive(Debug, Clone)]
 pub struct Encoder {
@@ -111,11 +134,13 @@ impl Encoder {
         let w = checkpoint.root();
         let cfg = checkpoint.config().clone();
         let on_cpu_f32 = checkpoint.device().is_cpu() && checkpoint.dtype() == DType::F32;
+        let cpu_path = match cpu_path {
+            // The int8 path implements exact GELU only; `Auto` never fails on it.
+            CpuPath::Auto if cfg.hidden_act != HiddenAct::Gelu => CpuPath::Reference,
+            other => other.resolve(),
+        };
         let kernel = match cpu_path {
-            CpuPath::Auto if on_cpu_f32 && cfg.hidden_act == HiddenAct::Gelu => {
-                Some(Kernel::detect()).filter(|&k| k == Kernel::Vnni)
-            }
-            CpuPath::Int8 if on_cpu_f32 => Some(Kernel::detect()),
+            CpuPath::Int8 if on_cpu_f32 => Some(Kernel::Vnni),
             CpuPath::Int8Portable if on_cpu_f32 => Some(Kernel::Portable),
             _ => None,
         };
@@ -141,10 +166,11 @@ impl Encoder {
         &self.config
     }
 
-    /// The path this encoder runs: [`CpuPath::Int8`] or [`CpuPath::Reference`].
+    /// The path this encoder runs: never [`CpuPath::Auto`].
     pub fn cpu_path(&self) -> CpuPath {
-        match self.compute {
-            Compute::Int8(_) => CpuPath::Int8,
+        match &self.compute {
+            Compute::Int8(e) if e.kernel() == Kernel::Vnni => CpuPath::Int8,
+            Compute::Int8(_) => CpuPath::Int8Portable,
             Compute::Candle { .. } => CpuPath::Reference,
         }
     }
