@@ -1,6 +1,7 @@
 //! Full analysis (themes, evidence and entities) against the encoder alone, on the same
-//! ~4k-token batch of the project's news texts (`benches/data/news.jsonl`), 2 threads, CPU f32.
-//! The two are measured in one run so that their ratio is not skewed by the machine's load.
+//! ~4k-token batch of the project's news texts (`benches/data/news.jsonl`), 2 threads, on the
+//! default CPU path (int8 where the CPU has AVX-512 VNNI). The two are measured in one run so
+//! that their ratio is not skewed by the machine's load.
 //!
 //! Run: `bash models/fetch.sh && cargo bench --bench analysis`. Throughput is in encoder tokens
 //! per second; `themes+ner` over `encoder-only` is the cost of everything but the encoder.
@@ -44,7 +45,7 @@ fn bench_analysis(c: &mut Criterion) {
         batch.push(a.clone());
     }
     let texts: Vec<&str> = batch.iter().map(|a| a.text.as_str()).collect();
-    let mut group = c.benchmark_group("analysis/cpu-f32-2threads");
+    let mut group = c.benchmark_group(format!("analysis/{:?}-2threads", embedder.cpu_path()));
     group.sample_size(10);
     group.throughput(Throughput::Elements(tokens as u64));
     group.bench_function("encoder-only", |b| {

@@ -1,12 +1,14 @@
 //! Encoder throughput on the project's multilingual news texts (`benches/data/news.jsonl`,
-//! written by the project): tokenisation + windowing alone, then whole `embed` calls at batch 1
-//! (one article) and at a ~4k-token batch, with 1 and 2 threads, on CPU in f32.
+//! written by the project): tokenisation + windowing alone, then whole `embed` calls on the CPU
+//! paths (`int8`, the default where the CPU has AVX-512 VNNI, and the f32 `reference`): one
+//! article of about 300 tokens (latency), a ~4k-token batch, and all 60 articles (~17.5k
+//! tokens), with 1 and 2 threads.
 //!
 //! Run: `bash models/fetch.sh && cargo bench --bench encoder`. Throughput is reported in
 //! tokens (elements) per second; tokens include the special and prefix tokens the encoder runs.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use themescan::{Embedder, ModelSource};
+use themescan::{CpuPath, Embedder, ModelSource};
 
 fn news() -> Vec<String> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/data/news.jsonl");
@@ -22,10 +24,11 @@ fn news() -> Vec<String> {
         .collect()
 }
 
-fn embedder(threads: usize) -> Embedder {
+fn embedder(threads: usize, path: CpuPath) -> Embedder {
     Embedder::builder()
         .model(ModelSource::Default)
         .threads(threads)
+        .cpu_path(path)
         .build()
         .expect("the default model (run `bash models/fetch.sh` first)")
 }
@@ -38,14 +41,7 @@ fn take_tokens<'a>(e: &Embedder, texts: &'a [String], tokens: usize) -> (Vec<&'a
         if total >= tokens {
             break;
         }
-        total += e
-            .text_encoder()
-            .encode(t)
-            .unwrap()
-            .windows
-            .iter()
-            .map(|w| w.ids.len())
-            .sum::<usize>();
+        total += tokens_of(e, t);
         picked.push(t.as_str());
     }
     (picked, total)
@@ -53,7 +49,7 @@ fn take_tokens<'a>(e: &Embedder, texts: &'a [String], tokens: usize) -> (Vec<&'a
 
 fn bench_tokenise(c: &mut Criterion) {
     let texts = news();
-    let e = embedder(1);
+    let e = embedder(1, CpuPath::Reference);
     let bytes: usize = texts.iter().map(String::len).sum();
     let mut group = c.benchmark_group("tokenise+window");
     group.throughput(Throughput::Bytes(bytes as u64));
@@ -68,30 +64,58 @@ fn bench_tokenise(c: &mut Criterion) {
     group.finish();
 }
 
+fn tokens_of(e: &Embedder, text: &str) -> usize {
+    e.text_encoder()
+        .encode(text)
+        .unwrap()
+        .windows
+        .iter()
+        .map(|w| w.ids.len())
+        .sum()
+}
+
 fn bench_encoder(c: &mut Criterion) {
     let texts = news();
-    let mut group = c.benchmark_group("encoder/cpu-f32");
-    group.sample_size(10);
-    for threads in [1, 2] {
-        let e = embedder(threads);
-        // Batch 1: one article of typical length.
-        let (one, tokens) = take_tokens(&e, &texts[3..], 1);
-        group.throughput(Throughput::Elements(tokens as u64));
-        group.bench_with_input(
-            BenchmarkId::new("batch1", format!("{threads}threads")),
-            &one,
-            |b, one| b.iter(|| e.embed(one).unwrap()),
-        );
-        // A ~4k-token batch of articles of mixed length and language.
-        let (many, tokens) = take_tokens(&e, &texts, 4096);
-        group.throughput(Throughput::Elements(tokens as u64));
-        group.bench_with_input(
-            BenchmarkId::new("batch4k", format!("{threads}threads")),
-            &many,
-            |b, many| b.iter(|| e.embed(many).unwrap()),
-        );
+    for path in [CpuPath::Int8, CpuPath::Reference] {
+        let path = path.resolve();
+        let mut group = c.benchmark_group(format!("encoder/{path:?}"));
+        group.sample_size(10);
+        for threads in [1, 2] {
+            let e = embedder(threads, path);
+            // Batch 1: the article closest to 300 tokens.
+            let one = texts
+                .iter()
+                .min_by_key(|t| tokens_of(&e, t).abs_diff(300))
+                .expect("news texts");
+            let tokens = tokens_of(&e, one);
+            group.throughput(Throughput::Elements(tokens as u64));
+            group.bench_with_input(
+                BenchmarkId::new(format!("article{tokens}"), format!("{threads}threads")),
+                &[one.as_str()],
+                |b, one| b.iter(|| e.embed(one).unwrap()),
+            );
+            // A ~4k-token batch of articles of mixed length and language.
+            let (many, tokens) = take_tokens(&e, &texts, 4096);
+            group.throughput(Throughput::Elements(tokens as u64));
+            group.bench_with_input(
+                BenchmarkId::new("batch4k", format!("{threads}threads")),
+                &many,
+                |b, many| b.iter(|| e.embed(many).unwrap()),
+            );
+            if threads == 2 {
+                // All 60 articles in one call, as `embed --chunk` feeds them.
+                let all: Vec<&str> = texts.iter().map(String::as_str).collect();
+                let tokens: usize = all.iter().map(|t| tokens_of(&e, t)).sum();
+                group.throughput(Throughput::Elements(tokens as u64));
+                group.bench_with_input(
+                    BenchmarkId::new("news60", format!("{threads}threads")),
+                    &all,
+                    |b, all| b.iter(|| e.embed(all).unwrap()),
+                );
+            }
+        }
+        group.finish();
     }
-    group.finish();
 }
 
 criterion_group!(benches, bench_tokenise, bench_encoder);

@@ -404,6 +404,12 @@ fn run(args: Args) -> anyhow::Result<bool> {
         builder = builder.batch_tokens(b);
     }
     let analyzer = builder.build().context("loading the analyser")?;
+    if !args.quiet {
+        eprintln!(
+            "classify: encoder {}",
+            analyzer.embedder().describe_compute()
+        );
+    }
 
     let to_stdout = args.output.as_os_str() == "-";
     if args.resume && to_stdout {

@@ -104,6 +104,7 @@ fn main() -> anyhow::Result<()> {
         builder = builder.threads(t);
     }
     let embedder = builder.build().context("loading the encoder")?;
+    eprintln!("encoder: {}", embedder.describe_compute());
 
     let reader: Box<dyn BufRead> = if args.input.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())

@@ -45,13 +45,13 @@ ensure_venv() {
   "$venv/bin/python" -c "$code"
 }
 
-# run_themescan INPUT THREADS [OUTPUT] -- embeds INPUT with the `embed` example and prints
-# "TOKENS SECONDS" from its summary line, which times the whole input after the model is loaded
-# (reading and writing JSONL included).
+# run_themescan INPUT THREADS [OUTPUT] [CPU_PATH] -- embeds INPUT with the `embed` example and
+# prints "TOKENS SECONDS" from its summary line, which times the whole input after the model is
+# loaded (reading and writing JSONL included). CPU_PATH: auto (default), int8 or reference.
 run_themescan() {
   local log parsed
   # The example exits 1 when a record failed; the summary line says so too, and is read below.
-  log=$(./target/release/examples/embed --input "$1" --output "${3:-/dev/null}" --threads "$2" --chunk 100000 2>&1 >/dev/null) || true
+  log=$(./target/release/examples/embed --input "$1" --output "${3:-/dev/null}" --threads "$2" --chunk 100000 --cpu-path "${4:-auto}" 2>&1 >/dev/null) || true
   # "embed: N records, E errors, T tokens in S s (R tokens/s)" -> "E T S"
   parsed=$(echo "$log" | sed -n 's/^embed: [0-9]* records, \([0-9]*\) errors, \([0-9]*\) tokens in \([0-9.]*\)s.*/\1 \2 \3/p')
   if [ -z "$parsed" ] || [ "${parsed%% *}" != 0 ]; then

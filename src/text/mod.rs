@@ -6,12 +6,16 @@
 //! nothing of tensors.
 
 mod sentences;
+pub mod unigram;
 mod window;
 
 use std::ops::Range;
 use std::path::Path;
 
-use tokenizers::Tokenizer;
+use tokenizers::{
+    DecoderWrapper, Encoding, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+    Tokenizer, TokenizerImpl,
+};
 
 use crate::error::{Error, Result};
 pub use sentences::sentence_spans;
@@ -74,10 +78,75 @@ pub struct TokenizedText {
     pub content_tokens: usize,
 }
 
+/// The `tokenizers` pipeline with the compact Unigram model (see [`unigram`]).
+pub type CompactTokenizer = TokenizerImpl<
+    unigram::CompactUnigram,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
+
+/// The tokenizer a model folder's `tokenizer.json` describes: Unigram models (XLM-R, e5) get
+/// the compact model, about 270 MB less resident memory; others (WordPiece, BPE) the crate's.
+#[derive(Clone)]
+pub enum TextTokenizer {
+    /// A Unigram model without byte fallback.
+    Compact(Box<CompactTokenizer>),
+    /// Any other model.
+    Standard(Box<Tokenizer>),
+}
+
+impl TextTokenizer {
+    /// Reads `tokenizer.json` bytes.
+    ///
+    /// # Errors
+    /// The `tokenizers` crate's message if the JSON is not a tokenizer.
+    pub fn from_bytes(json: &[u8]) -> std::result::Result<Self, tokenizers::Error> {
+        // A Unigram model is read straight into the compact form; anything else fails to, and
+        // is read by the crate.
+        match serde_json::from_slice::<CompactTokenizer>(json) {
+            Ok(t) => Ok(TextTokenizer::Compact(Box::new(t))),
+            Err(_) => Ok(TextTokenizer::Standard(Box::new(Tokenizer::from_bytes(
+                json,
+            )?))),
+        }
+    }
+
+    /// Encodes `text` (with the post-processor's special tokens when `add_special_tokens`).
+    ///
+    /// # Errors
+    /// The `tokenizers` crate's error.
+    pub fn encode(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> std::result::Result<Encoding, tokenizers::Error> {
+        match self {
+            TextTokenizer::Compact(t) => t.encode(text, add_special_tokens),
+            TextTokenizer::Standard(t) => t.encode(text, add_special_tokens),
+        }
+    }
+
+    fn without_truncation_or_padding(&mut self) -> std::result::Result<(), tokenizers::Error> {
+        match self {
+            TextTokenizer::Compact(t) => {
+                t.with_truncation(None)?;
+                t.with_padding(None);
+            }
+            TextTokenizer::Standard(t) => {
+                t.with_truncation(None)?;
+                t.with_padding(None);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Tokeniser plus windowing rules.
 #[derive(Clone)]
 pub struct TextEncoder {
-    tokenizer: Tokenizer,
+    tokenizer: TextTokenizer,
     head: Vec<u32>,
     tail: Vec<u32>,
     window: WindowConfig,
@@ -103,13 +172,14 @@ impl TextEncoder {
     /// [`Error::Setting`] if the window leaves no room for text.
     pub fn from_file(path: &Path, prefix: &str, window: WindowConfig) -> Result<Self> {
         let json = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let mut tokenizer = Tokenizer::from_bytes(&json).map_err(|e| Error::ModelFile {
+        let mut tokenizer = TextTokenizer::from_bytes(&json).map_err(|e| Error::ModelFile {
             path: path.to_path_buf(),
             offset: 0,
             message: format!("not a readable tokenizer.json: {e}"),
         })?;
-        tokenizer.with_truncation(None).map_err(Error::Tokenizer)?;
-        tokenizer.with_padding(None);
+        tokenizer
+            .without_truncation_or_padding()
+            .map_err(Error::Tokenizer)?;
 
         // The special tokens the post-processor puts around a text, found by encoding one.
         let probe = tokenizer.encode("a", true).map_err(Error::Tokenizer)?;
@@ -154,6 +224,11 @@ impl TextEncoder {
             tail,
             window,
         })
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
     }
 
     /// The windowing rules.
