@@ -6,6 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, Module, VarBuilder};
 
+use super::dense::DenseLayer;
 use crate::embedder::{TokenSource, WordPooling};
 use crate::entities::{decode_bio, repair_bio, EntityLabel, Tag};
 use crate::error::{Error, Result};
@@ -251,9 +252,65 @@ impl NerNet {
 pub struct NerHead {
     scaling: InputScaling,
     net: NerNet,
+    /// The same network on the host, for heads loaded for the CPU (see [`super::dense`]).
+    host: Option<HostNerNet>,
     context: usize,
     viterbi: bool,
     device: Device,
+}
+
+/// [`NerNet`]'s layers as host dense layers.
+#[derive(Debug, Clone)]
+struct HostNerNet {
+    hidden: DenseLayer,
+    mixers: Vec<(DenseLayer, usize)>,
+    output: DenseLayer,
+}
+
+impl HostNerNet {
+    fn from_net(net: &NerNet) -> Result<Self> {
+        Ok(HostNerNet {
+            hidden: DenseLayer::from_linear(&net.hidden)?,
+            mixers: net
+                .mixers
+                .iter()
+                .map(|(l, d)| Ok((DenseLayer::from_linear(l)?, *d)))
+                .collect::<Result<_>>()?,
+            output: DenseLayer::from_linear(&net.output)?,
+        })
+    }
+
+    /// Tag logits `[words, Tag::COUNT]` for one run's joined rows `[words, input]`: the same
+    /// computation as [`NerNet::forward`] on a batch of one without dropout.
+    fn forward(&self, x: &[f32], words: usize) -> Vec<f32> {
+        let mut h = self.hidden.forward_gelu(x);
+        let width = self.hidden.outputs();
+        for (layer, dilation) in &self.mixers {
+            let joined = join_neighbours_host(&h, words, width, *dilation);
+            let mixed = layer.forward_gelu(&joined);
+            for (h, m) in h.iter_mut().zip(&mixed) {
+                *h += m;
+            }
+        }
+        self.output.forward(&h)
+    }
+}
+
+/// Host form of [`join_neighbours`] for one sequence: each row becomes `[x[t − d], x[t], x[t + d]]`
+/// with zeros past either end.
+fn join_neighbours_host(x: &[f32], words: usize, width: usize, dilation: usize) -> Vec<f32> {
+    let mut out = vec![0f32; words * 3 * width];
+    for (t, row) in out.chunks_exact_mut(3 * width).enumerate() {
+        if t >= dilation {
+            row[..width].copy_from_slice(&x[(t - dilation) * width..(t - dilation + 1) * width]);
+        }
+        row[width..2 * width].copy_from_slice(&x[t * width..(t + 1) * width]);
+        if t + dilation < words {
+            row[2 * width..]
+                .copy_from_slice(&x[(t + dilation) * width..(t + dilation + 1) * width]);
+        }
+    }
+    out
 }
 
 impl NerHead {
@@ -268,6 +325,7 @@ impl NerHead {
         NerHead {
             scaling,
             net,
+            host: None,
             context,
             viterbi,
             device: device.clone(),
@@ -314,7 +372,10 @@ impl NerHead {
             inv_std: vb.get(word_width, "input.inv_std")?.to_vec1()?,
         };
         let net = NerNet::load(vb, card.input_size, card.hidden_size, &card.dilations)?;
-        let head = NerHead::new(scaling, net, card.context, card.viterbi, device);
+        let mut head = NerHead::new(scaling, net, card.context, card.viterbi, device);
+        if device.is_cpu() {
+            head.host = Some(HostNerNet::from_net(&head.net)?);
+        }
         Ok((head, card))
     }
 
@@ -337,6 +398,17 @@ impl NerHead {
         self.scaling.apply(&mut rows);
         let joined = with_context(&rows, self.word_width(), self.context);
         let width = joined.len() / words;
+        if let Some(host) = &self.host {
+            let logits = host.forward(&joined, words);
+            return Ok(logits
+                .chunks_exact(Tag::COUNT)
+                .map(|row| {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let log_sum = row.iter().map(|v| (v - max).exp()).sum::<f32>().ln() + max;
+                    row.iter().map(|v| v - log_sum).collect()
+                })
+                .collect());
+        }
         let x = Tensor::from_vec(joined, (1, words, width), &self.device)?;
         let logits = self.net.forward(&x, &[words], 0.0)?.squeeze(0)?;
         Ok(candle_nn::ops::log_softmax(&logits, 1)?.to_vec2()?)

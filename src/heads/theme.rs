@@ -6,6 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, Module, VarBuilder};
 
+use super::dense::DenseLayer;
 use crate::error::{Error, Result};
 use crate::themes::Theme;
 
@@ -197,6 +198,8 @@ impl Member {
 #[derive(Debug, Clone)]
 pub struct ThemeHead {
     members: Vec<Member>,
+    /// The members as host dense layers, for heads loaded for the CPU (see [`super::dense`]).
+    host: Option<Vec<(Option<DenseLayer>, DenseLayer)>>,
 }
 
 impl ThemeHead {
@@ -214,13 +217,17 @@ impl ThemeHead {
         let members = (0..members.max(1))
             .map(|i| Member::load(vb.pp(format!("m{i}")), input_size, hidden_size))
             .collect::<Result<Vec<_>>>()?;
-        Ok(ThemeHead { members })
+        Ok(ThemeHead {
+            members,
+            host: None,
+        })
     }
 
     /// The head made of member `i` alone, sharing its weights (for training members one by one).
     pub fn member(&self, i: usize) -> Option<ThemeHead> {
         self.members.get(i).map(|m| ThemeHead {
             members: vec![m.clone()],
+            host: None,
         })
     }
 
@@ -235,13 +242,24 @@ impl ThemeHead {
         let card = ThemeCard::read(&card_path)?;
         let data = std::fs::read(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
         let vb = VarBuilder::from_buffered_safetensors(data, DType::F32, device)?;
-        let head =
-            ThemeHead::load(vb, card.input_size, card.hidden_size, card.members).map_err(|e| {
-                Error::Tensor {
-                    name: weights_path.display().to_string(),
-                    message: format!("does not match its card: {e}"),
-                }
+        let mut head = ThemeHead::load(vb, card.input_size, card.hidden_size, card.members)
+            .map_err(|e| Error::Tensor {
+                name: weights_path.display().to_string(),
+                message: format!("does not match its card: {e}"),
             })?;
+        if device.is_cpu() {
+            head.host = Some(
+                head.members
+                    .iter()
+                    .map(|m| {
+                        Ok((
+                            m.hidden.as_ref().map(DenseLayer::from_linear).transpose()?,
+                            DenseLayer::from_linear(&m.output)?,
+                        ))
+                    })
+                    .collect::<Result<_>>()?,
+            );
+        }
         Ok((head, card))
     }
 
@@ -264,6 +282,23 @@ impl ThemeHead {
         let n = rows.len() / input_size.max(1);
         if n == 0 {
             return Ok(Vec::new());
+        }
+        if let Some(host) = &self.host {
+            let mut sum = vec![0f32; n * Theme::ALL.len()];
+            for (hidden, output) in host {
+                let logits = match hidden {
+                    Some(h) => output.forward(&h.forward_gelu(rows)),
+                    None => output.forward(rows),
+                };
+                for (s, l) in sum.iter_mut().zip(&logits) {
+                    *s += l;
+                }
+            }
+            let members = host.len() as f32;
+            return Ok(sum
+                .chunks_exact(Theme::ALL.len())
+                .map(|r| std::array::from_fn(|k| 1.0 / (1.0 + (-r[k] / members).exp())))
+                .collect());
         }
         let x = Tensor::from_slice(rows, (n, input_size), device)?;
         let p: Vec<Vec<f32>> = candle_nn::ops::sigmoid(&self.forward(&x)?)?.to_vec2()?;

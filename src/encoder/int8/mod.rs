@@ -15,7 +15,7 @@
 
 pub mod attention;
 pub mod gemm;
-mod ops;
+pub(crate) mod ops;
 
 use std::ops::Range;
 

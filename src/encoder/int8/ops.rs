@@ -177,6 +177,11 @@ fn layer_norm_in_place(x: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
     }
 }
 
+/// Exact-erf GELU over `x`, in place, with the widest build this CPU runs.
+pub(crate) fn gelu_in_place(x: &mut [f32]) {
+    gelu_row(Kernel::detect(), x);
+}
+
 wide_fn! {
     /// Exact-erf GELU over one row, in place.
     pub fn gelu_row(kernel: Kernel, x: &mut [f32]) {
