@@ -6,7 +6,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use ndarray::{Array1, Array2};
 use rayon::prelude::*;
 
@@ -551,17 +551,13 @@ impl Embedder {
                 let k = if keep_hidden { inner.layer_mean } else { 1 };
                 let encoded = inner.encoder.forward_with_layer_mean(&batch, k)?;
                 // Device-to-host copies are the expensive part on a GPU: one per output per batch.
-                let means: Vec<Vec<f32>> =
-                    encoded.mean_pooled()?.to_dtype(DType::F32)?.to_vec2()?;
+                let means = encoded.row_means()?;
                 let hidden = if keep_hidden {
-                    Some(window_rows(&encoded.hidden, batch.lengths())?)
+                    Some(encoded.hidden_rows(batch.lengths())?)
                 } else {
                     None
                 };
-                let layer_mean = match &encoded.layer_mean {
-                    Some(m) => Some(window_rows(m, batch.lengths())?),
-                    None => None,
-                };
+                let layer_mean = encoded.layer_mean_rows(batch.lengths())?;
                 let mut hidden = hidden.map(Vec::into_iter);
                 let mut layer_mean = layer_mean.map(Vec::into_iter);
                 for (&r, mean) in rows.iter().zip(means) {
@@ -587,20 +583,6 @@ impl Embedder {
             Ok(outputs)
         })
     }
-}
-
-/// A padded `[rows, len, hidden]` tensor → one `[length, hidden]` array per row, padding dropped.
-fn window_rows(states: &Tensor, lengths: &[usize]) -> Result<Vec<Array2<f32>>> {
-    let rows: Vec<Vec<Vec<f32>>> = states.to_dtype(DType::F32)?.to_vec3()?;
-    Ok(rows
-        .into_iter()
-        .zip(lengths)
-        .map(|(row, &len)| {
-            let h = row.first().map_or(0, Vec::len);
-            let flat: Vec<f32> = row.into_iter().take(len).flatten().collect();
-            Array2::from_shape_vec((len, h), flat).expect("len rows of width h")
-        })
-        .collect())
 }
 
 /// Combines a text's window means into its embedding: weighted by text tokens, L2-normalised.

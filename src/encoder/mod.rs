@@ -10,6 +10,7 @@ pub mod int8;
 pub mod layers;
 
 use candle_core::{DType, Device, Tensor};
+use ndarray::Array2;
 
 pub use config::{EncoderConfig, HiddenAct};
 use int8::gemm::Kernel;
@@ -95,24 +96,126 @@ enum Compute {
     Int8(Int8Encoder),
 }
 
-/// What one forward pass gives.
+/// What one forward pass gives: per-token states of every row, where the path left them.
+///
+/// The reference path leaves padded tensors on its device; the int8 path leaves the rows'
+/// real tokens packed in host memory, so reading them costs no padding, no tensor ops and no
+/// device copy. Both are read the same way: [`EncoderOutput::row_means`],
+/// [`EncoderOutput::hidden_rows`], [`EncoderOutput::layer_mean_rows`].
 #[derive(Debug, Clone)]
 pub struct EncoderOutput {
-    /// Hidden states of the last layer, `[rows, len, hidden]`; padded positions hold garbage.
-    pub hidden: Tensor,
-    /// 1 for real tokens, 0 for padding, `[rows, len]`, in the activation dtype.
-    pub mask: Tensor,
-    /// Mean of the last `k` layers' outputs, `[rows, len, hidden]`, when
-    /// [`Encoder::forward_with_layer_mean`] asked for `k > 1`. Token-level heads read it: lower
-    /// layers keep more of a token's surface form than the last, which is shaped by pre-training.
-    pub layer_mean: Option<Tensor>,
+    states: States,
+}
+
+#[derive(Debug, Clone)]
+enum States {
+    /// `hidden` and `layer_mean` `[rows, len, hidden]` (padded positions hold garbage), `mask`
+    /// `[rows, len]` with 1 for real tokens, in the activation dtype.
+    Device {
+        hidden: Tensor,
+        mask: Tensor,
+        layer_mean: Option<Tensor>,
+    },
+    /// Real tokens only, row after row: `[Σ lengths, hidden]`.
+    Host {
+        hidden: Vec<f32>,
+        layer_mean: Option<Vec<f32>>,
+        lengths: Vec<usize>,
+        width: usize,
+    },
 }
 
 impl EncoderOutput {
-    /// Mean of each row's real-token states, `[rows, hidden]` (not normalised).
-    pub fn mean_pooled(&self) -> Result<Tensor> {
-        layers::mean_pool(&self.hidden, &self.mask)
+    /// Mean of each row's real-token last-layer states (not normalised), one `Vec` per row.
+    ///
+    /// # Errors
+    /// A tensor error on the reference path.
+    pub fn row_means(&self) -> Result<Vec<Vec<f32>>> {
+        match &self.states {
+            States::Device { hidden, mask, .. } => Ok(layers::mean_pool(hidden, mask)?
+                .to_dtype(DType::F32)?
+                .to_vec2()?),
+            States::Host {
+                hidden,
+                lengths,
+                width,
+                ..
+            } => {
+                let mut start = 0;
+                Ok(lengths
+                    .iter()
+                    .map(|&n| {
+                        let mut mean = vec![0f32; *width];
+                        for row in hidden[start * width..(start + n) * width].chunks_exact(*width) {
+                            for (m, v) in mean.iter_mut().zip(row) {
+                                *m += v;
+                            }
+                        }
+                        start += n;
+                        let inv = 1.0 / n.max(1) as f32;
+                        mean.iter_mut().for_each(|m| *m *= inv);
+                        mean
+                    })
+                    .collect())
+            }
+        }
     }
+
+    /// Each row's real-token last-layer states, `[length, hidden]` per row, on the host.
+    ///
+    /// # Errors
+    /// A tensor error on the reference path.
+    pub fn hidden_rows(&self, lengths: &[usize]) -> Result<Vec<Array2<f32>>> {
+        match &self.states {
+            States::Device { hidden, .. } => padded_rows(hidden, lengths),
+            States::Host { hidden, width, .. } => Ok(packed_rows(hidden, lengths, *width)),
+        }
+    }
+
+    /// As [`EncoderOutput::hidden_rows`] for the mean of the last `k` layers, when
+    /// [`Encoder::forward_with_layer_mean`] asked for `k > 1`. Token-level heads read it: lower
+    /// layers keep more of a token's surface form than the last, which is shaped by pre-training.
+    ///
+    /// # Errors
+    /// A tensor error on the reference path.
+    pub fn layer_mean_rows(&self, lengths: &[usize]) -> Result<Option<Vec<Array2<f32>>>> {
+        match &self.states {
+            States::Device { layer_mean, .. } => layer_mean
+                .as_ref()
+                .map(|m| padded_rows(m, lengths))
+                .transpose(),
+            States::Host {
+                layer_mean, width, ..
+            } => Ok(layer_mean.as_ref().map(|m| packed_rows(m, lengths, *width))),
+        }
+    }
+}
+
+/// A padded `[rows, len, hidden]` tensor → one `[length, hidden]` array per row, padding
+/// dropped: one device-to-host copy.
+fn padded_rows(states: &Tensor, lengths: &[usize]) -> Result<Vec<Array2<f32>>> {
+    let (_, len, h) = states.dims3()?;
+    let flat: Vec<f32> = states.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(flat
+        .chunks(len * h)
+        .zip(lengths)
+        .map(|(row, &n)| {
+            Array2::from_shape_vec((n, h), row[..n * h].to_vec()).expect("n rows of width h")
+        })
+        .collect())
+}
+
+/// Packed `[Σ lengths, hidden]` rows → one `[length, hidden]` array per row.
+fn packed_rows(packed: &[f32], lengths: &[usize], h: usize) -> Vec<Array2<f32>> {
+    let mut start = 0;
+    lengths
+        .iter()
+        .map(|&n| {
+            let rows = packed[start * h..(start + n) * h].to_vec();
+            start += n;
+            Array2::from_shape_vec((n, h), rows).expect("n rows of width h")
+        })
+        .collect()
 }
 
 impl Encoder {
@@ -215,12 +318,12 @@ impl Encoder {
                 self.config.max_sequence_len()
             )));
         }
-        let mask =
-            Tensor::from_vec(batch.mask(), (rows, len), &self.device)?.to_dtype(self.dtype)?;
         let (embeddings, layers) = match &self.compute {
-            Compute::Int8(encoder) => return self.forward_int8(encoder, batch, mask, k),
+            Compute::Int8(encoder) => return self.forward_int8(encoder, batch, k),
             Compute::Candle { embeddings, layers } => (embeddings, layers),
         };
+        let mask =
+            Tensor::from_vec(batch.mask(), (rows, len), &self.device)?.to_dtype(self.dtype)?;
         let bias = layers::attention_bias(&mask, self.dtype)?;
         let mut hidden = embeddings.forward(batch.ids(), rows, len)?;
         let k = k.min(layers.len());
@@ -237,40 +340,34 @@ impl Encoder {
         }
         let layer_mean = sum.map(|s| s / k as f64).transpose()?;
         Ok(EncoderOutput {
-            hidden,
-            mask,
-            layer_mean,
+            states: States::Device {
+                hidden,
+                mask,
+                layer_mean,
+            },
         })
     }
 
-    /// The int8 path on the batch's unpadded rows, scattered back into the padded layout the
-    /// rest of the crate reads.
+    /// The int8 path on the batch's unpadded rows; the states stay packed on the host.
     fn forward_int8(
         &self,
         encoder: &Int8Encoder,
         batch: &Batch,
-        mask: Tensor,
         k: usize,
     ) -> Result<EncoderOutput> {
-        let (rows, len, h) = (batch.rows(), batch.max_len(), self.config.hidden_size);
+        let len = batch.max_len();
         let mut ids = Vec::with_capacity(batch.lengths().iter().sum());
         for (row, &n) in batch.ids().chunks(len.max(1)).zip(batch.lengths()) {
             ids.extend_from_slice(&row[..n]);
         }
         let states = encoder.forward(&ids, batch.lengths(), k)?;
-        let pad = |packed: Vec<f32>| -> Result<Tensor> {
-            let mut padded = vec![0f32; rows * len * h];
-            let mut start = 0;
-            for (dst, &n) in padded.chunks_mut((len * h).max(1)).zip(batch.lengths()) {
-                dst[..n * h].copy_from_slice(&packed[start * h..(start + n) * h]);
-                start += n;
-            }
-            Ok(Tensor::from_vec(padded, (rows, len, h), &self.device)?)
-        };
         Ok(EncoderOutput {
-            hidden: pad(states.hidden)?,
-            mask,
-            layer_mean: states.layer_mean.map(pad).transpose()?,
+            states: States::Host {
+                hidden: states.hidden,
+                layer_mean: states.layer_mean,
+                lengths: batch.lengths().to_vec(),
+                width: self.config.hidden_size,
+            },
         })
     }
 }
