@@ -81,7 +81,11 @@ fn bench_encoder(c: &mut Criterion) {
         let mut group = c.benchmark_group(format!("encoder/{path:?}"));
         group.sample_size(10);
         // The reference path is the slow baseline: measured at 2 threads only.
-        let threads_list: &[usize] = if path == CpuPath::Reference { &[2] } else { &[1, 2] };
+        let threads_list: &[usize] = if path == CpuPath::Reference {
+            &[2]
+        } else {
+            &[1, 2]
+        };
         for &threads in threads_list {
             let e = embedder(threads, path);
             // Batch 1: the article closest to 300 tokens.
