@@ -18,6 +18,8 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 
+use rayon::prelude::*;
+
 use crate::embedder::{Embedder, EmbedderBuilder, TextStates, TokenSource, WordPooling};
 use crate::entities::{group_entities, repair_bio, Entity, EntityGroup, Tag};
 use crate::error::Result;
@@ -341,8 +343,18 @@ impl Analyzer {
                 None => self.tokenize_pieces(&articles, &pieces[range.clone()])?,
             };
             let states = self.embedder.token_states_of(tokenized)?;
-            for ((i, r), s) in pieces[range].iter().zip(&states) {
-                partials[*i].push(self.analyze_piece(&articles[*i].text, r.clone(), s)?);
+            // Heads run per piece on the host: in parallel on the encoder's threads, which are
+            // idle now. Results come back in piece order.
+            let group = &pieces[range];
+            let done: Vec<Result<Partial>> = self.embedder.install(|| {
+                group
+                    .par_iter()
+                    .zip(&states)
+                    .map(|((i, r), s)| self.analyze_piece(&articles[*i].text, r.clone(), s))
+                    .collect()
+            });
+            for ((i, _), partial) in group.iter().zip(done) {
+                partials[*i].push(partial?);
             }
         }
         Ok(articles

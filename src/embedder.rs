@@ -393,6 +393,12 @@ impl Embedder {
         EmbedderBuilder::default()
     }
 
+    /// Runs `f` on the embedder's thread pool, so that rayon work inside it uses the
+    /// embedder's threads (and no more).
+    pub(crate) fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.inner.pool.install(f)
+    }
+
     /// The CPU path the encoder runs (see [`CpuPath::resolve`]); [`CpuPath::Reference`] on
     /// GPUs.
     pub fn cpu_path(&self) -> CpuPath {
