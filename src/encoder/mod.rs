@@ -1,9 +1,10 @@
-//! The transformer forward pass on a candle [`Device`](candle_core::Device).
+//! The transformer forward pass: candle's kernels on any [`candle_core::Device`], or the int8
+//! CPU path ([`int8`]).
 //!
-//! [`Encoder::forward`] takes a [`Batch`] of plain token ids and gives [`EncoderOutput`]:
-//! per-token hidden states `[rows, len, hidden]` and the padding mask, both on the device. The
-//! encoder knows nothing of where its weights came from (see [`crate::weights`]) or what the
-//! heads do with its output.
+//! [`Encoder::forward`] takes a [`Batch`] of plain token ids and gives [`EncoderOutput`]: the
+//! per-token states of every row, left where the path made them (padded tensors on the device,
+//! or packed host rows) and read per row on the host. The encoder knows nothing of where its
+//! weights came from (see [`crate::weights`]) or what the heads do with its output.
 
 mod config;
 pub mod int8;
@@ -306,7 +307,8 @@ impl Encoder {
     }
 
     /// As [`Encoder::forward`], and also the mean of the last `k` layers' outputs in
-    /// [`EncoderOutput::layer_mean`] (`None` for `k <= 1`; `k` is capped at the layer count).
+    /// [`EncoderOutput::layer_mean_rows`] (`None` for `k <= 1`; `k` is capped at the layer
+    /// count).
     ///
     /// # Errors
     /// As [`Encoder::forward`].

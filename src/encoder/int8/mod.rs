@@ -7,7 +7,7 @@
 //! - quantises each linear layer's weights to `i8` per output row once at load, and its input
 //!   activations to `u8` per row on the fly ([`gemm`]), summing products exactly in `i32` with
 //!   AVX-512 VNNI where the CPU has it;
-//! - runs layer norm, GELU and softmax as vectorised row loops ([`ops`]), in parallel on the
+//! - runs layer norm, GELU and softmax as vectorised row loops (`ops`), in parallel on the
 //!   caller's rayon pool, with the buffers of one forward pass allocated once.
 //!
 //! Queries are pre-scaled by `1/√head_dim` in the packed weights, and query, key and value are
