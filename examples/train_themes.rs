@@ -262,7 +262,9 @@ fn main() -> Result<()> {
     let mut hasher = Sha256::new();
     let mut examples = Vec::new();
     let mut parts = Vec::new();
+    let mut also_parts = Vec::new();
     let mut embedder = None;
+    let mut also_embedder = None;
     for f in &files {
         let bytes = std::fs::read(f)?;
         hasher.update(&bytes);
@@ -276,31 +278,25 @@ fn main() -> Result<()> {
             args.threads,
             args.cpu_path,
         )?);
+        // The same texts' features from a second path, for training rows only.
+        if let Some(path) = args.also_cpu_path {
+            also_parts.push(file_features(
+                &mut also_embedder,
+                &file_examples,
+                &file_sha,
+                args.pooling.into(),
+                args.threads,
+                path,
+            )?);
+        }
         examples.extend(file_examples);
     }
     let data_sha = format!("{:x}", hasher.finalize());
     let x = Tensor::cat(&parts, 0)?;
-    // The same texts' features from a second path, for training rows only.
-    let x_also = match args.also_cpu_path {
-        Some(path) => {
-            let mut also_embedder = None;
-            let mut also_parts = Vec::new();
-            for f in &files {
-                let bytes = std::fs::read(f)?;
-                let file_examples = read_theme_examples(f)?;
-                let file_sha = format!("{:x}", Sha256::digest(&bytes));
-                also_parts.push(file_features(
-                    &mut also_embedder,
-                    &file_examples,
-                    &file_sha,
-                    args.pooling.into(),
-                    args.threads,
-                    path,
-                )?);
-            }
-            Some(Tensor::cat(&also_parts, 0)?)
-        }
-        None => None,
+    let x_also = if also_parts.is_empty() {
+        None
+    } else {
+        Some(Tensor::cat(&also_parts, 0)?)
     };
     let y: Vec<f32> = examples
         .iter()

@@ -279,15 +279,6 @@ impl CompactUnigram {
             .unwrap_or(self.unknown);
         (start, end, id)
     }
-
-    /// Approximate heap bytes held.
-    pub fn heap_bytes(&self) -> usize {
-        self.bytes.len()
-            + 4 * self.starts.len()
-            + 8 * self.scores.len()
-            + std::mem::size_of::<Node>() * self.nodes.len()
-            + std::mem::size_of::<Edge>() * self.edges.len()
-    }
 }
 
 impl Model for CompactUnigram {

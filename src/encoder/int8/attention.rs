@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use super::gemm::Kernel;
 use super::ops::{softmax_row, to_bf16};
+use super::DisjointOut;
 
 /// How attention multiplies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,20 +52,6 @@ struct Scratch {
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
-}
-
-/// A raw pointer to the context output that tasks share; each writes its own head's columns.
-#[derive(Clone, Copy)]
-struct ContextPtr(*mut f32);
-// SAFETY: tasks write disjoint (rows of one sequence) × (columns of one head) blocks.
-unsafe impl Send for ContextPtr {}
-unsafe impl Sync for ContextPtr {}
-
-impl ContextPtr {
-    /// A method, so that closures capture the wrapper (which is `Send`), not its raw field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// Multi-head attention for packed sequences: sizes and the code that runs it, fixed at load.
@@ -123,7 +110,7 @@ impl MultiHeadAttention {
             3 * context.len(),
             "qkv is not [tokens, 3 · hidden]"
         );
-        let out = ContextPtr(context.as_mut_ptr());
+        let out = DisjointOut::new(context);
         let tasks: Vec<(usize, usize)> = sequences
             .iter()
             .enumerate()

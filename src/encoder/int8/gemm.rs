@@ -16,6 +16,7 @@
 use rayon::prelude::*;
 
 use super::ops::{min_max, small_integer_bits, wide_fn};
+use super::DisjointOut;
 
 /// Output columns per panel: four 16-lane `i32` registers.
 pub const PANEL: usize = 64;
@@ -139,21 +140,6 @@ impl PackedMatrix {
             bias: bias_padded,
         }
     }
-
-    /// Outputs per row.
-    pub fn outputs(&self) -> usize {
-        self.n
-    }
-
-    /// Inputs per row.
-    pub fn inputs(&self) -> usize {
-        self.k
-    }
-
-    /// Bytes held (for memory accounting).
-    pub fn bytes(&self) -> usize {
-        self.panels.len() + 12 * self.scales.len()
-    }
 }
 
 /// How one row of activations was quantised: `x ≈ scale · (q − zero)`.
@@ -247,21 +233,7 @@ wide_fn! {
     }
 }
 
-/// A raw pointer that may cross to worker threads: each task writes a disjoint block.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint rows × columns blocks of the output (see `matmul`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// A method, so that closures capture the wrapper (which is `Send`), not its raw field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// `out = a · wᵀ` (+ bias), with `out` row-major `[a.rows(), w.outputs()]`.
+/// `out = a · wᵀ` (+ bias), with `out` row-major `[a.rows(), outputs]`.
 ///
 /// # Panics
 /// If `a`'s width is not `w`'s input width or `out` has the wrong length (internal misuse).
@@ -276,7 +248,7 @@ pub fn matmul(a: &QuantizedRows, w: &PackedMatrix, out: &mut [f32], kernel: Kern
     assert_eq!(out.len(), m * w.n, "output is not [rows, outputs]");
     let panels = w.n.div_ceil(PANEL);
     let row_blocks = m.div_ceil(TASK_ROWS);
-    let ptr = OutPtr(out.as_mut_ptr());
+    let ptr = DisjointOut::new(out);
     (0..row_blocks * panels).into_par_iter().for_each(|task| {
         let (block, panel) = (task / panels, task % panels);
         let rows = block * TASK_ROWS..((block + 1) * TASK_ROWS).min(m);
@@ -553,23 +525,6 @@ mod tests {
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{m}x{n}x{k}"
             );
-        }
-    }
-
-    #[test]
-    #[ignore = "timing, run by hand"]
-    fn portable_kernel_speed() {
-        let (m, n, k) = (300, 1152, 384);
-        let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 - 6.0).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 - 3.0).collect();
-        let mut q = QuantizedRows::default();
-        q.quantize(&x, k, Kernel::Portable);
-        let mut out = vec![0f32; m * n];
-        for kernel in [Kernel::Portable, Kernel::detect()] {
-            let packed = PackedMatrix::quantize(&w, &vec![0.0; n], n, k, kernel);
-            let t = std::time::Instant::now();
-            matmul(&q, &packed, &mut out, kernel);
-            eprintln!("{kernel:?} {m}x{n}x{k}: {:?}", t.elapsed());
         }
     }
 

@@ -28,6 +28,25 @@ use crate::weights::{EmbeddingTable, MatrixWeight, Weights};
 use attention::MultiHeadAttention;
 use gemm::{Kernel, PackedMatrix, QuantizedRows};
 
+/// A raw output pointer that parallel tasks share, each writing its own disjoint block (the
+/// caller of [`DisjointOut::new`] guarantees that).
+#[derive(Clone, Copy)]
+pub(crate) struct DisjointOut(*mut f32);
+// SAFETY: every user writes blocks no other task touches, while the buffer outlives the tasks.
+unsafe impl Send for DisjointOut {}
+unsafe impl Sync for DisjointOut {}
+
+impl DisjointOut {
+    pub(crate) fn new(out: &mut [f32]) -> Self {
+        DisjointOut(out.as_mut_ptr())
+    }
+
+    /// A method, so that closures capture the wrapper (which is `Send`), not its raw field.
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Rows per parallel task in the row-wise passes.
 const ROW_CHUNK: usize = 16;
 

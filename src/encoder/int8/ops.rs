@@ -102,16 +102,23 @@ fn sum_squared_deviation(x: &[f32], mean: f32) -> f32 {
 /// Taylor polynomial on `|r| ≤ ln 2 / 2`. Branch-free, so that loops over it vectorise.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
+    let (r, scale) = exp_reduce(x);
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * scale
+}
+
+/// `x` (clamped to [-87, 88]) as `r` with `|r| ≤ ln 2 / 2` and `2ⁿ`, so that `eˣ = eʳ · 2ⁿ`.
+#[inline(always)]
+fn exp_reduce(x: f32) -> (f32, f32) {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.0, 88.0);
     let n = (x * std::f32::consts::LOG2_E).round_ties_even();
     let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(small_integer_bits(n + 127.0) << 23)
+    (r, f32::from_bits(small_integer_bits(n + 127.0) << 23))
 }
 
 /// The integer value of `v`, an integral float in `[0, 2²³)`, read off its bits: adding 2²³
@@ -126,13 +133,9 @@ pub fn small_integer_bits(v: f32) -> u32 {
 /// to bfloat16 (8 bits of mantissa) right after.
 #[inline(always)]
 fn exp_coarse(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
-    let r = x - n * LN2_HI - n * LN2_LO;
+    let (r, scale) = exp_reduce(x);
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0))));
-    p * f32::from_bits(small_integer_bits(n + 127.0) << 23)
+    p * scale
 }
 
 /// GELU with the error function, `x · Φ(x)`; Φ from Abramowitz & Stegun 7.1.26 (absolute
