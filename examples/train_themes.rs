@@ -104,11 +104,16 @@ fn file_features(
     pooling: Pooling,
     threads: usize,
     cpu_path: CpuPath,
+    layers: &Option<(PathBuf, String)>,
 ) -> Result<Tensor> {
     // Keyed by the path too: int8 and f32 states differ slightly, and heads are trained on
-    // the states of the path they will run on.
+    // the states of the path they will run on; and by the fine-tuned layers, if any.
+    let tuned = match layers {
+        Some((_, sha)) => format!("-ft{}", &sha[..16]),
+        None => String::new(),
+    };
     let cache = PathBuf::from("target/themescan-cache").join(format!(
-        "theme-features-{:?}-{:?}-{}.safetensors",
+        "theme-features-{:?}-{:?}{tuned}-{}.safetensors",
         pooling,
         cpu_path.resolve(),
         &file_sha[..16]
@@ -119,13 +124,14 @@ fn file_features(
         }
     }
     if embedder.is_none() {
-        *embedder = Some(
-            Embedder::builder()
-                .model(ModelSource::Default)
-                .threads(threads)
-                .cpu_path(cpu_path)
-                .build()?,
-        );
+        let mut builder = Embedder::builder()
+            .model(ModelSource::Default)
+            .threads(threads)
+            .cpu_path(cpu_path);
+        if let Some((file, _)) = layers {
+            builder = builder.replace_tensors(file);
+        }
+        *embedder = Some(builder.build()?);
     }
     let embedder = embedder.as_ref().expect("set above");
     let h = embedder.hidden_size();
@@ -265,6 +271,17 @@ fn main() -> Result<()> {
     let mut also_parts = Vec::new();
     let mut embedder = None;
     let mut also_embedder = None;
+    // The head must be trained on the encoder the heads folder makes: with the NER head's
+    // fine-tuned layers when `train_ner --fine-tune-layers` left them there.
+    let layers = themescan::heads::encoder_layers_sha256(&args.out)?
+        .map(|sha| (args.out.join(themescan::heads::ENCODER_LAYERS), sha));
+    if let Some((file, sha)) = &layers {
+        eprintln!(
+            "encoder: with fine-tuned layers {} (sha256 {})",
+            file.display(),
+            &sha[..16]
+        );
+    }
     for f in &files {
         let bytes = std::fs::read(f)?;
         hasher.update(&bytes);
@@ -277,6 +294,7 @@ fn main() -> Result<()> {
             args.pooling.into(),
             args.threads,
             args.cpu_path,
+            &layers,
         )?);
         // The same texts' features from a second path, for training rows only.
         if let Some(path) = args.also_cpu_path {
@@ -287,6 +305,7 @@ fn main() -> Result<()> {
                 args.pooling.into(),
                 args.threads,
                 path,
+                &layers,
             )?);
         }
         examples.extend(file_examples);
@@ -445,6 +464,7 @@ fn main() -> Result<()> {
                 args.cpu_path.resolve()
             ),
         },
+        encoder_layers_sha256: layers.as_ref().map(|(_, sha)| sha.clone()),
         training_data_sha256: data_sha,
         examples: train.len(),
         dev_examples: dev.len(),

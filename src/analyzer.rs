@@ -166,6 +166,32 @@ impl AnalyzerBuilder {
             None
         };
         let mut embedder = self.embedder;
+        // Both heads must have been trained on the encoder the folder makes.
+        let layers_sha = crate::heads::encoder_layers_sha256(&folder)?;
+        let mut trained_on = vec![("theme", card.encoder_layers_sha256.clone())];
+        if let Some((_, ner_card)) = &ner {
+            trained_on.push(("NER", ner_card.encoder_layers_sha256.clone()));
+        }
+        for (head, sha) in trained_on {
+            if sha != layers_sha {
+                let describe = |s: &Option<String>| match s {
+                    Some(s) => format!("fine-tuned layers with sha256 {}", &s[..s.len().min(16)]),
+                    None => "the frozen encoder (no fine-tuned layers)".to_string(),
+                };
+                return Err(crate::Error::ModelFolder {
+                    path: folder.clone(),
+                    message: format!(
+                        "the {head} head was trained on {}, but the folder holds {}: retrain it \
+                         (`train_themes` after `train_ner`)",
+                        describe(&sha),
+                        describe(&layers_sha)
+                    ),
+                });
+            }
+        }
+        if layers_sha.is_some() {
+            embedder = embedder.replace_tensors(folder.join(crate::heads::ENCODER_LAYERS));
+        }
         if let Some((_, ner_card)) = &ner {
             if ner_card.token_source == TokenSource::LayerMean {
                 embedder = embedder.layer_mean(ner_card.layers);

@@ -4,6 +4,7 @@
 //! ([`crate::batch`]) → one encoder pass per batch ([`crate::encoder`]) → host arrays.
 
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
@@ -35,6 +36,8 @@ pub struct EmbedderBuilder {
     prefix: String,
     layer_mean: usize,
     cpu_path: CpuPath,
+    replacements: Option<PathBuf>,
+    keep_layers: Option<usize>,
 }
 
 impl Default for EmbedderBuilder {
@@ -51,6 +54,8 @@ impl Default for EmbedderBuilder {
             prefix: PASSAGE_PREFIX.to_string(),
             layer_mean: 1,
             cpu_path: CpuPath::Auto,
+            replacements: None,
+            keep_layers: None,
         }
     }
 }
@@ -137,6 +142,21 @@ impl EmbedderBuilder {
         self
     }
 
+    /// Lays the tensors of a safetensors file over the model's (fine-tuned layers, named as in
+    /// a Hugging Face `BertModel`: `encoder.layer.11.attention.self.query.weight`). The
+    /// analyzer passes its heads folder's [`crate::heads::ENCODER_LAYERS`] file here.
+    pub fn replace_tensors(mut self, file: impl Into<PathBuf>) -> Self {
+        self.replacements = Some(file.into());
+        self
+    }
+
+    /// Runs only the first `layers` transformer layers: token states are that layer's output.
+    /// For training on intermediate states; default: all layers.
+    pub fn keep_layers(mut self, layers: usize) -> Self {
+        self.keep_layers = Some(layers);
+        self
+    }
+
     /// # Errors
     /// [`Error::ModelFolder`] if the model's files are missing, [`Error::ModelFile`] /
     /// [`Error::Config`] / [`Error::Tensor`] if they are malformed, [`Error::Setting`] for a
@@ -158,6 +178,12 @@ impl EmbedderBuilder {
         let files = self.source.resolve()?;
         let mut checkpoint = Checkpoint::load(&files, &self.device, self.dtype)?;
         checkpoint.set_q4_matmul(self.q4_matmul);
+        if let Some(file) = &self.replacements {
+            checkpoint.replace_tensors_from(file)?;
+        }
+        if let Some(layers) = self.keep_layers {
+            checkpoint.keep_layers(layers)?;
+        }
         let limit = checkpoint.config().max_sequence_len();
         let max_tokens = self.window_tokens.unwrap_or(limit);
         if max_tokens > limit {

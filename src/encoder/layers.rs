@@ -9,6 +9,14 @@ use super::config::{EncoderConfig, HiddenAct};
 use crate::error::{Error, Result};
 use crate::weights::{EmbeddingTable, MatrixWeight, Weights};
 
+/// Which kernels a forward pass uses: candle's fused layer norm and softmax have no backward
+/// pass, so training composes them from differentiable ops (same values, slower).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ops {
+    Fused,
+    Differentiable,
+}
+
 /// A linear layer `y = x Wᵀ + b` over the last dimension.
 #[derive(Debug, Clone)]
 pub enum Linear {
@@ -87,12 +95,17 @@ impl LayerNorm {
 
     /// Normalises `x` (contiguous) over its last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            &x.contiguous()?,
-            &self.weight,
-            &self.bias,
-            self.eps,
-        )?)
+        self.forward_with(x, Ops::Fused)
+    }
+
+    fn forward_with(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        Ok(match ops {
+            Ops::Fused => candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps)?,
+            Ops::Differentiable => {
+                candle_nn::ops::layer_norm_slow(&x, &self.weight, &self.bias, self.eps)?
+            }
+        })
     }
 }
 
@@ -201,6 +214,10 @@ impl Attention {
     /// `x`: `[rows, len, hidden]`; `bias`: `[rows, 1, 1, len]`, 0 for real keys and a large
     /// negative value for padding.
     pub fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, bias, Ops::Fused)
+    }
+
+    fn forward_with(&self, x: &Tensor, bias: &Tensor, ops: Ops) -> Result<Tensor> {
         let (rows, len, hidden) = x.dims3()?;
         let split = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((rows, len, self.heads, self.head_dim))?
@@ -212,13 +229,16 @@ impl Attention {
         let k = split(self.key.forward(x)?)?;
         let v = split(self.value.forward(x)?)?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = match ops {
+            Ops::Fused => candle_nn::ops::softmax_last_dim(&scores)?,
+            Ops::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
+        };
         let context = probs
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((rows, len, hidden))?;
         let out = self.output.forward(&context)?;
-        self.layer_norm.forward(&(out + x)?)
+        self.layer_norm.forward_with(&(out + x)?, ops)
     }
 }
 
@@ -249,6 +269,10 @@ impl FeedForward {
 
     /// `x`: `[rows, len, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, Ops::Fused)
+    }
+
+    fn forward_with(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
         let mid = self.intermediate.forward(x)?;
         let mid = match self.act {
             HiddenAct::Gelu => mid.gelu_erf()?,
@@ -256,7 +280,7 @@ impl FeedForward {
             HiddenAct::Relu => mid.relu()?,
         };
         let out = self.output.forward(&mid)?;
-        self.layer_norm.forward(&(out + x)?)
+        self.layer_norm.forward_with(&(out + x)?, ops)
     }
 }
 
@@ -283,6 +307,15 @@ impl Layer {
     pub fn forward(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
         self.feed_forward.forward(&self.attention.forward(x, bias)?)
     }
+
+    /// As [`Layer::forward`], built only from ops with a backward pass, so gradients reach
+    /// weights loaded as [`candle_core::Var`]s (fine-tuning; see
+    /// `Checkpoint::replace_tensors`).
+    pub fn forward_differentiable(&self, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let ops = Ops::Differentiable;
+        self.feed_forward
+            .forward_with(&self.attention.forward_with(x, bias, ops)?, ops)
+    }
 }
 
 /// The additive attention bias `[rows, 1, 1, len]` for a padded batch: made once per batch and
@@ -304,4 +337,26 @@ pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let summed = hidden.broadcast_mul(&mask.unsqueeze(D::Minus1)?)?.sum(1)?;
     let counts = mask.sum_keepdim(1)?;
     Ok(summed.broadcast_div(&counts)?)
+}
+
+/// Every tensor of one transformer layer: its name under `encoder.layer.N` and its shape, as
+/// [`Layer::load`] reads them. Fine-tuning makes these trainable and saves them.
+pub fn layer_tensors(cfg: &EncoderConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, ff) = (cfg.hidden_size, cfg.intermediate_size);
+    let mut out = Vec::new();
+    let mut linear = |name: &str, out_dim: usize, in_dim: usize| {
+        out.push((format!("{name}.weight"), vec![out_dim, in_dim]));
+        out.push((format!("{name}.bias"), vec![out_dim]));
+    };
+    for name in ["query", "key", "value"] {
+        linear(&format!("attention.self.{name}"), h, h);
+    }
+    linear("attention.output.dense", h, h);
+    linear("intermediate.dense", ff, h);
+    linear("output.dense", h, ff);
+    for norm in ["attention.output.LayerNorm", "output.LayerNorm"] {
+        out.push((format!("{norm}.weight"), vec![h]));
+        out.push((format!("{norm}.bias"), vec![h]));
+    }
+    out
 }

@@ -9,6 +9,26 @@ pub mod theme;
 
 pub use theme::{Pooling, ThemeCard, ThemeHead, ThemeMetrics};
 
+/// The sha256 (lower-case hex) of a heads folder's [`ENCODER_LAYERS`] file, `None` if there
+/// is none: what the cards record and the analyzer checks.
+///
+/// # Errors
+/// [`Error::Io`] if the file exists but cannot be read.
+pub fn encoder_layers_sha256(folder: &Path) -> Result<Option<String>> {
+    use sha2::Digest;
+    let path = folder.join(ENCODER_LAYERS);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    Ok(Some(format!("{:x}", sha2::Sha256::digest(&bytes))))
+}
+
+/// File in a heads folder holding encoder layers fine-tuned with the NER head (f16,
+/// Hugging Face names). When present, the analyzer lays it over the model, and both heads
+/// were trained on the encoder it makes.
+pub const ENCODER_LAYERS: &str = "encoder-layers.safetensors";
+
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};

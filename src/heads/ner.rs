@@ -43,6 +43,10 @@ pub struct NerCard {
     pub dilations: Vec<usize>,
     /// The encoder it was trained on.
     pub encoder: String,
+    /// sha256 of the encoder layers fine-tuned with this head ([`super::ENCODER_LAYERS`]);
+    /// `None`: the shipped encoder, frozen. The analyzer refuses a mismatch.
+    #[serde(default)]
+    pub encoder_layers_sha256: Option<String>,
     /// Training data: files and sentences used.
     pub training_data: Vec<String>,
     /// Which token states the head reads.

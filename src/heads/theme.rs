@@ -103,6 +103,10 @@ pub struct ThemeCard {
     pub thresholds: Vec<f32>,
     /// The encoder the head was trained on.
     pub encoder: String,
+    /// sha256 of the fine-tuned encoder layers ([`super::ENCODER_LAYERS`]) the head was
+    /// trained on; `None`: the shipped encoder as is. The analyzer refuses a mismatch.
+    #[serde(default)]
+    pub encoder_layers_sha256: Option<String>,
     /// sha256 of the training data files, in name order.
     pub training_data_sha256: String,
     /// Training examples and dev examples used.

