@@ -195,6 +195,9 @@ impl AnalyzerBuilder {
         if let Some((_, ner_card)) = &ner {
             if ner_card.token_source == TokenSource::LayerMean {
                 embedder = embedder.layer_mean(ner_card.layers);
+                if let Some(end) = ner_card.layers_end {
+                    embedder = embedder.layer_mean_ending_at(end);
+                }
             }
         }
         let embedder = embedder.build()?;

@@ -38,6 +38,7 @@ pub struct EmbedderBuilder {
     cpu_path: CpuPath,
     replacements: Option<PathBuf>,
     keep_layers: Option<usize>,
+    layer_mean_end: Option<usize>,
 }
 
 impl Default for EmbedderBuilder {
@@ -56,6 +57,7 @@ impl Default for EmbedderBuilder {
             cpu_path: CpuPath::Auto,
             replacements: None,
             keep_layers: None,
+            layer_mean_end: None,
         }
     }
 }
@@ -142,6 +144,15 @@ impl EmbedderBuilder {
         self
     }
 
+    /// The layers averaged by [`EmbedderBuilder::layer_mean`] end at layer `n` (1-based; the
+    /// `k` layers `n − k + 1 ..= n`) instead of the last: middle layers keep more of what a
+    /// token is than the last ones, which e5 trained for sentence vectors. The last layer's
+    /// states ([`WindowStates::hidden`]) are unchanged.
+    pub fn layer_mean_ending_at(mut self, n: usize) -> Self {
+        self.layer_mean_end = Some(n);
+        self
+    }
+
     /// Lays the tensors of a safetensors file over the model's (fine-tuned layers, named as in
     /// a Hugging Face `BertModel`: `encoder.layer.11.attention.self.query.weight`). The
     /// analyzer passes its heads folder's [`crate::heads::ENCODER_LAYERS`] file here.
@@ -199,6 +210,18 @@ impl EmbedderBuilder {
             overlap,
         };
         let text = TextEncoder::from_file(&files.tokenizer, &self.prefix, window)?;
+        let layers = checkpoint.config().num_hidden_layers;
+        let end = self.layer_mean_end.unwrap_or(layers);
+        if end == 0 || end > layers {
+            return Err(Error::Setting(format!(
+                "layer_mean_ending_at({end}): the encoder has layers 1 to {layers}"
+            )));
+        }
+        let layer_mean = if self.layer_mean <= 1 && end == layers {
+            0..0
+        } else {
+            end - self.layer_mean.clamp(1, end)..end
+        };
         let encoder = Encoder::load_with(&checkpoint, self.cpu_path)?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -212,7 +235,7 @@ impl EmbedderBuilder {
                 pool,
                 batch_tokens,
                 threads,
-                layer_mean: self.layer_mean,
+                layer_mean,
             }),
         })
     }
@@ -224,7 +247,8 @@ struct Inner {
     pool: rayon::ThreadPool,
     batch_tokens: usize,
     threads: usize,
-    layer_mean: usize,
+    /// Layers (0-based) averaged into [`WindowStates::layer_mean`]; empty for none.
+    layer_mean: Range<usize>,
 }
 
 /// Embeds texts with a multilingual encoder: one L2-normalised vector per text, or per-token
@@ -381,7 +405,8 @@ impl TextStates {
 pub enum TokenSource {
     /// [`WindowStates::hidden`]: the last layer.
     LastLayer,
-    /// [`WindowStates::layer_mean`]: the mean of the last few layers.
+    /// [`WindowStates::layer_mean`]: the mean of a few layers (the last ones, or those ending
+    /// at [`EmbedderBuilder::layer_mean_ending_at`]).
     LayerMean,
 }
 
@@ -580,8 +605,12 @@ impl Embedder {
                     .map(|&r| tokenized[slots[r].0].windows[slots[r].1].ids.as_slice())
                     .collect();
                 let batch = Batch::new(&sequences, pad);
-                let k = if keep_hidden { inner.layer_mean } else { 1 };
-                let encoded = inner.encoder.forward_with_layer_mean(&batch, k)?;
+                let mean_of = if keep_hidden {
+                    inner.layer_mean.clone()
+                } else {
+                    0..0
+                };
+                let encoded = inner.encoder.forward_with_layer_mean(&batch, mean_of)?;
                 // Device-to-host copies are the expensive part on a GPU: one per output per batch.
                 let means = encoded.row_means()?;
                 let hidden = if keep_hidden {

@@ -97,6 +97,9 @@ struct Args {
     /// retrained on the changed encoder (`train_themes`).
     #[arg(long, default_value_t = 0)]
     fine_tune_layers: usize,
+    /// The `--layers` averaged layers end at this layer (1-based; default: the last).
+    #[arg(long)]
+    layers_end: Option<usize>,
     /// Peak learning rate of the fine-tuned encoder layers.
     #[arg(long, default_value_t = 1e-4)]
     encoder_lr: f64,
@@ -390,7 +393,7 @@ fn fine_tuned(
             embedder.cpu_path()
         ),
         data_note,
-        (source, pooling, 0, 1),
+        (source, pooling, 0, 1, None),
     )
 }
 
@@ -440,16 +443,21 @@ fn main() -> Result<()> {
     if args.fine_tune_layers > 0 {
         return fine_tuned(&args, &train, dev, data_note);
     }
-    let embedder = Embedder::builder()
+    let mut builder = Embedder::builder()
         .model(ModelSource::Default)
         .threads(args.threads)
         .layer_mean(args.layers)
-        .cpu_path(args.cpu_path)
-        .build()?;
+        .cpu_path(args.cpu_path);
+    let mut key = String::new();
+    if let Some(end) = args.layers_end {
+        builder = builder.layer_mean_ending_at(end);
+        key = format!("-e{end}");
+    }
+    let embedder = builder.build()?;
     eprintln!("encoder: {}", embedder.describe_compute());
     let h = embedder.hidden_size();
     for split in train.iter_mut().chain(dev.iter_mut()) {
-        encode_split(&embedder, split, &args, "")?;
+        encode_split(&embedder, split, &args, &key)?;
     }
     let stale = args.out.join(themescan::heads::ENCODER_LAYERS);
     if stale.is_file() {
@@ -618,19 +626,19 @@ fn main() -> Result<()> {
         width,
         encoder,
         data_note,
-        (source, pooling, args.context, args.layers),
+        (source, pooling, args.context, args.layers, args.layers_end),
     )
 }
 
 /// Prints the chosen head's scores and writes its weights and card to `args.out`.
-/// `features`: token source, word pooling, context words and layers averaged.
+/// `features`: token source, word pooling, context words, layers averaged and where they end.
 fn write_head(
     args: &Args,
     best: Best,
     input_size: usize,
     encoder: String,
     data_note: Vec<String>,
-    features: (TokenSource, WordPooling, usize, usize),
+    features: (TokenSource, WordPooling, usize, usize, Option<usize>),
 ) -> Result<()> {
     let Best {
         mean,
@@ -639,7 +647,7 @@ fn write_head(
         tensors,
         scores,
     } = best;
-    let (source, pooling, context, layers) = features;
+    let (source, pooling, context, layers, layers_end) = features;
     println!("\nchosen: {source:?}/{pooling:?}, viterbi {viterbi}, mean dev F1 {mean:.3}");
     println!(
         "{:<5} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8}",
@@ -673,6 +681,7 @@ fn write_head(
         training_data: data_note,
         token_source: source,
         layers,
+        layers_end,
         word_pooling: pooling,
         context,
         pack_words: args.pack_words,

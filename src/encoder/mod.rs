@@ -10,6 +10,8 @@ mod config;
 pub mod int8;
 pub mod layers;
 
+use std::ops::Range;
+
 use candle_core::{DType, Device, Tensor};
 use ndarray::Array2;
 
@@ -173,8 +175,8 @@ impl EncoderOutput {
         }
     }
 
-    /// As [`EncoderOutput::hidden_rows`] for the mean of the last `k` layers, when
-    /// [`Encoder::forward_with_layer_mean`] asked for `k > 1`. Token-level heads read it: lower
+    /// As [`EncoderOutput::hidden_rows`] for the mean of the layers
+    /// [`Encoder::forward_with_layer_mean`] asked for (`None` if none). Token-level heads read it: lower
     /// layers keep more of a token's surface form than the last, which is shaped by pre-training.
     ///
     /// # Errors
@@ -303,16 +305,20 @@ impl Encoder {
     /// [`Error::Setting`] if the batch is longer than the position table allows; a tensor error
     /// for an id outside the vocabulary.
     pub fn forward(&self, batch: &Batch) -> Result<EncoderOutput> {
-        self.forward_with_layer_mean(batch, 1)
+        self.forward_with_layer_mean(batch, 0..0)
     }
 
-    /// As [`Encoder::forward`], and also the mean of the last `k` layers' outputs in
-    /// [`EncoderOutput::layer_mean_rows`] (`None` for `k <= 1`; `k` is capped at the layer
-    /// count).
+    /// As [`Encoder::forward`], and also the mean of the outputs of the layers `mean_of`
+    /// (0-based; `8..12` is the last four of twelve) in [`EncoderOutput::layer_mean_rows`]
+    /// (`None` for an empty range; the range is cut at the layer count).
     ///
     /// # Errors
     /// As [`Encoder::forward`].
-    pub fn forward_with_layer_mean(&self, batch: &Batch, k: usize) -> Result<EncoderOutput> {
+    pub fn forward_with_layer_mean(
+        &self,
+        batch: &Batch,
+        mean_of: Range<usize>,
+    ) -> Result<EncoderOutput> {
         let (rows, len) = (batch.rows(), batch.max_len());
         if len > self.config.max_sequence_len() {
             return Err(Error::Setting(format!(
@@ -321,26 +327,25 @@ impl Encoder {
             )));
         }
         let (embeddings, layers) = match &self.compute {
-            Compute::Int8(encoder) => return self.forward_int8(encoder, batch, k),
+            Compute::Int8(encoder) => return self.forward_int8(encoder, batch, mean_of),
             Compute::Candle { embeddings, layers } => (embeddings, layers),
         };
         let mask =
             Tensor::from_vec(batch.mask(), (rows, len), &self.device)?.to_dtype(self.dtype)?;
         let bias = layers::attention_bias(&mask, self.dtype)?;
         let mut hidden = embeddings.forward(batch.ids(), rows, len)?;
-        let k = k.min(layers.len());
-        let first_summed = layers.len() - k;
+        let mean_of = mean_of.start.min(layers.len())..mean_of.end.min(layers.len());
         let mut sum: Option<Tensor> = None;
         for (i, layer) in layers.iter().enumerate() {
             hidden = layer.forward(&hidden, &bias)?;
-            if k > 1 && i >= first_summed {
+            if mean_of.contains(&i) {
                 sum = Some(match sum {
                     None => hidden.clone(),
                     Some(s) => (s + &hidden)?,
                 });
             }
         }
-        let layer_mean = sum.map(|s| s / k as f64).transpose()?;
+        let layer_mean = sum.map(|s| s / mean_of.len() as f64).transpose()?;
         Ok(EncoderOutput {
             states: States::Device {
                 hidden,
@@ -355,14 +360,14 @@ impl Encoder {
         &self,
         encoder: &Int8Encoder,
         batch: &Batch,
-        k: usize,
+        mean_of: Range<usize>,
     ) -> Result<EncoderOutput> {
         let len = batch.max_len();
         let mut ids = Vec::with_capacity(batch.lengths().iter().sum());
         for (row, &n) in batch.ids().chunks(len.max(1)).zip(batch.lengths()) {
             ids.extend_from_slice(&row[..n]);
         }
-        let states = encoder.forward(&ids, batch.lengths(), k)?;
+        let states = encoder.forward(&ids, batch.lengths(), mean_of)?;
         Ok(EncoderOutput {
             states: States::Host {
                 hidden: states.hidden,

@@ -51,8 +51,12 @@ pub struct NerCard {
     pub training_data: Vec<String>,
     /// Which token states the head reads.
     pub token_source: TokenSource,
-    /// For [`TokenSource::LayerMean`]: how many of the last layers are averaged.
+    /// For [`TokenSource::LayerMean`]: how many layers are averaged.
     pub layers: usize,
+    /// For [`TokenSource::LayerMean`]: the averaged layers end at this layer (1-based);
+    /// `None`: at the last.
+    #[serde(default)]
+    pub layers_end: Option<usize>,
     /// How a word's sub-token states become its feature row.
     pub word_pooling: WordPooling,
     /// Neighbouring words on each side whose states are appended to a word's (0: none).

@@ -189,7 +189,14 @@ impl Int8Encoder {
     ///
     /// # Errors
     /// [`Error::Tensor`] for an id outside the vocabulary.
-    pub fn forward(&self, ids: &[u32], lengths: &[usize], k: usize) -> Result<PackedStates> {
+    /// `mean_of`: the layers (0-based) whose outputs are averaged into
+    /// [`PackedStates::layer_mean`]; empty for none.
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        lengths: &[usize],
+        mean_of: Range<usize>,
+    ) -> Result<PackedStates> {
         let cfg = &self.config;
         let (h, ff) = (cfg.hidden_size, cfg.intermediate_size);
         let tokens = ids.len();
@@ -209,8 +216,6 @@ impl Int8Encoder {
         let mut projected = vec![0f32; tokens * h];
         let mut mid = vec![0f32; tokens * ff];
         let mut quantized = QuantizedRows::default();
-        let k = k.min(self.layers.len());
-        let first_summed = self.layers.len() - k;
         let mut sum: Option<Vec<f32>> = None;
 
         for (i, layer) in self.layers.iter().enumerate() {
@@ -258,7 +263,7 @@ impl Int8Encoder {
                         ops::add_layer_norm(kernel, x, p, &norm.weight, &norm.bias, self.eps);
                     }
                 });
-            if k > 1 && i >= first_summed {
+            if mean_of.contains(&i) {
                 match sum.as_mut() {
                     None => sum = Some(x.clone()),
                     Some(s) => s.par_iter_mut().zip(&x).for_each(|(s, &v)| *s += v),
@@ -266,7 +271,7 @@ impl Int8Encoder {
             }
         }
         let layer_mean = sum.map(|mut s| {
-            let inv = 1.0 / k as f32;
+            let inv = 1.0 / mean_of.len() as f32;
             s.par_iter_mut().for_each(|v| *v *= inv);
             s
         });

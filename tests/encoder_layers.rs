@@ -1,7 +1,8 @@
-//! Fine-tuned encoder layers laid over the shipped model: replacements reach both CPU paths,
-//! misnamed or misshapen ones are refused, truncation keeps the lower layers exact, the
-//! differentiable layer computes what the fused one does and passes gradients, and the
-//! analyzer refuses a heads folder whose heads were trained on another encoder.
+//! Reading and changing the encoder's layers: a layer mean can end at a middle layer (and then
+//! equals a truncated encoder's output), fine-tuned layers laid over the shipped model reach
+//! both CPU paths, misnamed or misshapen ones are refused, truncation keeps the lower layers
+//! exact, the differentiable layer computes what the fused one does and passes gradients, and
+//! the analyzer refuses a heads folder whose heads were trained on another encoder.
 
 mod common;
 
@@ -54,6 +55,67 @@ fn write(tensors: &HashMap<String, Tensor>, path: &std::path::Path) {
 fn embed(builder: themescan::EmbedderBuilder, text: &str) -> Vec<f32> {
     let e = builder.threads(2).build().unwrap();
     e.embed(&[text]).unwrap().row(0).to_vec()
+}
+
+#[test]
+fn layer_mean_can_end_at_a_middle_layer() {
+    let text = "Europol en Telegram haalden 300 kanalen van Amaq offline.";
+    let build =
+        |path: CpuPath, f: &dyn Fn(themescan::EmbedderBuilder) -> themescan::EmbedderBuilder| {
+            f(Embedder::builder()
+                .model(ModelSource::Folder(default_model_folder()))
+                .cpu_path(path)
+                .threads(2))
+            .build()
+            .unwrap()
+        };
+    for path in [CpuPath::Reference, CpuPath::Int8Portable] {
+        // One layer ending at 8 is layer 8's output: what an encoder cut after 8 layers gives.
+        let single = build(path, &|b| b.layer_mean(1).layer_mean_ending_at(8));
+        let cut = build(path, &|b| b.keep_layers(8));
+        let a = single
+            .token_states(&[text])
+            .unwrap()
+            .remove(0)
+            .windows
+            .remove(0);
+        let b = cut
+            .token_states(&[text])
+            .unwrap()
+            .remove(0)
+            .windows
+            .remove(0);
+        let mean = a.layer_mean.expect("a layer mean was asked for");
+        assert_eq!(mean, b.hidden, "{path:?}");
+        // The last layer's states are untouched by where the mean ends.
+        let full = build(path, &|b| b);
+        let c = full
+            .token_states(&[text])
+            .unwrap()
+            .remove(0)
+            .windows
+            .remove(0);
+        assert_eq!(a.hidden, c.hidden, "{path:?}");
+        assert!(c.layer_mean.is_none(), "no mean unless asked for");
+        // Four layers ending at 8 differ from layer 8 alone.
+        let four = build(path, &|b| b.layer_mean(4).layer_mean_ending_at(8));
+        let d = four
+            .token_states(&[text])
+            .unwrap()
+            .remove(0)
+            .windows
+            .remove(0);
+        assert_ne!(d.layer_mean.unwrap(), b.hidden, "{path:?}");
+    }
+    for end in [0, 13] {
+        let err = Embedder::builder()
+            .model(ModelSource::Folder(default_model_folder()))
+            .layer_mean(4)
+            .layer_mean_ending_at(end)
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, Error::Setting(_)), "{err}");
+    }
 }
 
 #[test]
