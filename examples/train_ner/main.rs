@@ -3,19 +3,26 @@
 //!
 //! ```text
 //! cargo run --release --example train_ner [-- --max-train-words 120000]
+//! # the shipped head:
+//! cargo run --release --example train_ner -- --kind 2 --epochs 12 --batch-runs 4 --layers 8 --layers-end 10
 //! ```
 //! 1. Consecutive sentences are packed into runs of up to `--pack-words` words, so that a word
 //!    is encoded with article-like context around it, as at inference. Each run goes through
 //!    the encoder once (with the same `passage: ` prefix as at inference).
 //! 2. Three word features are kept per word and cached under `target/themescan-cache/`: the
-//!    last layer's state of its first sub-token, the mean of the last `--layers` layers at its
-//!    first sub-token, and that layer mean averaged over all its sub-tokens.
+//!    last layer's state of its first sub-token, the mean of `--layers` layers (the last ones,
+//!    or those ending at `--layers-end`) at its first sub-token, and that layer mean averaged
+//!    over all its sub-tokens.
 //! 3. Per feature kind, a network (a word's standardised row joined by its neighbours', a dense
 //!    layer, residual layers mixing each word with its neighbours at dilations 1, 2, 4) is trained with softmax cross-entropy on
 //!    all languages together, runs in a seeded order.
 //! 4. Dev files are tagged the same way and scored at entity level (conlleval), with per-word
 //!    argmax + BIO repair and with BIO-constrained Viterbi. The feature kind and decoder with the
 //!    best mean F1 over languages are written out.
+//!
+//! `--fine-tune-layers K` instead trains the encoder's top K layers with the head (see
+//! `fine_tune.rs`) and writes them beside it as `encoder-layers.safetensors`; the theme head
+//! must then be retrained (`train_themes` reads the same folder).
 
 use std::collections::HashMap;
 use std::ops::Range;
