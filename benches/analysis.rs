@@ -5,6 +5,8 @@
 //!
 //! Run: `bash models/fetch.sh && cargo bench --bench analysis`. Throughput is in encoder tokens
 //! per second; `themes+ner` over `encoder-only` is the cost of everything but the encoder.
+//! After the criterion groups, a paired line alternates the two for 15 rounds and prints the
+//! median throughput ratio.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use themescan::{Analyzer, Article};
@@ -55,6 +57,26 @@ fn bench_analysis(c: &mut Criterion) {
         b.iter(|| analyzer.analyze_many(&batch).unwrap())
     });
     group.finish();
+
+    // The machine's load drifts between criterion's two blocks of samples; rounds that run
+    // both back to back give a paired ratio that drift does not skew.
+    let rounds = 15;
+    let mut ratios = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = std::time::Instant::now();
+        std::hint::black_box(embedder.embed(&texts).unwrap());
+        let encoder = t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
+        std::hint::black_box(analyzer.analyze_many(&batch).unwrap());
+        ratios.push(encoder / t.elapsed().as_secs_f64());
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "paired: full-analysis throughput / encoder-only throughput, median of {rounds} rounds: {:.3} (quartiles {:.3}..{:.3})",
+        ratios[rounds / 2],
+        ratios[rounds / 4],
+        ratios[3 * rounds / 4]
+    );
 }
 
 criterion_group!(benches, bench_analysis);
