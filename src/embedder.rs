@@ -293,8 +293,9 @@ pub struct WindowStates {
     pub hidden: Array2<f32>,
     /// Mean of the hidden states over all of the window's tokens (not normalised).
     pub mean: Array1<f32>,
-    /// Per token, the mean of the last `k` layers' outputs, `[ids.len(), hidden]`, when the
-    /// embedder was built with [`EmbedderBuilder::layer_mean`] `k > 1`.
+    /// Per token, the mean of `k` layers' outputs (the last `k`, or those ending at
+    /// [`EmbedderBuilder::layer_mean_ending_at`]), `[ids.len(), hidden]`, when the embedder was
+    /// built with [`EmbedderBuilder::layer_mean`] `k > 1` or with a middle end layer.
     pub layer_mean: Option<Array2<f32>>,
     /// The text's content tokens this window holds.
     pub content: Range<usize>,

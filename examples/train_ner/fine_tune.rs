@@ -120,7 +120,7 @@ fn lower_states(
             eprint!(
                 "\r  {} {}/{} runs, {:.0}s",
                 split.lang,
-                (c + 1) * 16,
+                ((c + 1) * 16).min(split.runs.len()),
                 split.runs.len(),
                 started.elapsed().as_secs_f64()
             );

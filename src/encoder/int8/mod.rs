@@ -97,7 +97,7 @@ pub struct Int8Encoder {
 pub struct PackedStates {
     /// Last layer, `[tokens, hidden]`.
     pub hidden: Vec<f32>,
-    /// Mean of the last `k` layers, `[tokens, hidden]`, when asked for with `k > 1`.
+    /// Mean of the layers `forward` was asked to average, `[tokens, hidden]`; `None` if none.
     pub layer_mean: Option<Vec<f32>>,
 }
 
