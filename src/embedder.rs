@@ -354,49 +354,66 @@ impl TextStates {
         let tables = self
             .windows
             .iter()
-            .map(|w| {
-                let table = w.states(source)?;
-                // (start byte, row) of every content token, ascending.
-                let starts: Vec<(usize, usize)> = w
-                    .spans
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(r, sp)| sp.map(|sp| (sp.start, r)))
-                    .collect();
-                Ok((table, starts))
-            })
+            .map(|w| w.states(source))
             .collect::<Result<Vec<_>>>()?;
         let mut out = Vec::with_capacity(words.len() * h);
-        let mut start = 0;
-        for word in words {
-            let (ws, we) = (start, start + word.len());
-            start = we + 1;
-            let found = tables.iter().find_map(|(table, starts)| {
-                let from = starts.partition_point(|&(s, _)| s < ws);
-                let rows: Vec<usize> = starts[from..]
-                    .iter()
-                    .take_while(|&&(s, _)| s < we)
-                    .map(|&(_, r)| r)
-                    .collect();
-                (!rows.is_empty()).then_some((table, rows))
-            });
+        for found in self.word_rows(words) {
             match found {
                 None => out.extend(std::iter::repeat_n(0f32, h)),
-                Some((table, rows)) => match pooling {
-                    WordPooling::First => out.extend(table.row(rows[0]).iter()),
-                    WordPooling::Mean => {
-                        let at = out.len();
-                        out.extend(std::iter::repeat_n(0f32, h));
-                        for &r in &rows {
-                            for (o, v) in out[at..].iter_mut().zip(table.row(r)) {
-                                *o += v / rows.len() as f32;
+                Some((window, rows)) => {
+                    let table = tables[window];
+                    match pooling {
+                        WordPooling::First => out.extend(table.row(rows[0]).iter()),
+                        WordPooling::Mean => {
+                            let at = out.len();
+                            out.extend(std::iter::repeat_n(0f32, h));
+                            for &r in &rows {
+                                for (o, v) in out[at..].iter_mut().zip(table.row(r)) {
+                                    *o += v / rows.len() as f32;
+                                }
                             }
                         }
                     }
-                },
+                }
             }
         }
         Ok(out)
+    }
+
+    /// For a text that is `words` joined by single spaces: per word, the window that holds it
+    /// (the first one that does) and the rows of its sub-tokens there, in order; `None` for a
+    /// word with no token. [`TextStates::word_states`] pools these rows; training code that runs
+    /// its own layers over the states reads them directly, so both align words alike.
+    pub fn word_rows(&self, words: &[String]) -> Vec<Option<(usize, Vec<usize>)>> {
+        // Per window, (start byte, row) of every content token, ascending.
+        let starts: Vec<Vec<(usize, usize)>> = self
+            .windows
+            .iter()
+            .map(|w| {
+                w.spans
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(r, sp)| sp.map(|sp| (sp.start, r)))
+                    .collect()
+            })
+            .collect();
+        let mut start = 0;
+        words
+            .iter()
+            .map(|word| {
+                let (ws, we) = (start, start + word.len());
+                start = we + 1;
+                starts.iter().enumerate().find_map(|(window, starts)| {
+                    let from = starts.partition_point(|&(s, _)| s < ws);
+                    let rows: Vec<usize> = starts[from..]
+                        .iter()
+                        .take_while(|&&(s, _)| s < we)
+                        .map(|&(_, r)| r)
+                        .collect();
+                    (!rows.is_empty()).then_some((window, rows))
+                })
+            })
+            .collect()
     }
 }
 

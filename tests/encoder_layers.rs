@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use themescan::encoder::layers::{attention_bias, layer_tensors, Layer};
-use themescan::weights::{Checkpoint, MatrixWeight};
+use themescan::weights::Checkpoint;
 use themescan::{Analyzer, CpuPath, Embedder, Error, ModelSource};
 
 fn checkpoint() -> Checkpoint {
@@ -27,15 +27,7 @@ fn scaled_layer(i: usize, scale: f64) -> HashMap<String, Tensor> {
     let w = ck.root().pp("encoder").pp("layer").pp(i);
     let mut out = HashMap::new();
     for (name, shape) in layer_tensors(ck.config()) {
-        let (parent, leaf) = name.rsplit_once('.').unwrap();
-        let mut t = if shape.len() == 2 {
-            match w.pp(parent).matrix(leaf, shape[0], shape[1]).unwrap() {
-                MatrixWeight::Dense(t) => t,
-                MatrixWeight::Quantized(q) => q.dequantize(&Device::Cpu).unwrap(),
-            }
-        } else {
-            w.pp(parent).tensor(leaf, &shape).unwrap()
-        };
+        let mut t = w.dense_tensor(&name, &shape).unwrap();
         if name == "output.dense.weight" {
             t = (t * scale).unwrap();
         }
@@ -307,13 +299,18 @@ fn heads_trained_on_another_encoder_are_refused() {
         matches!(err, Error::ModelFolder { .. }) && err.to_string().contains("retrain"),
         "{err}"
     );
-    // Heads that expect fine-tuned layers, without them: refused too.
+    // A head whose card expects fine-tuned layers, in a folder without them: refused too.
     std::fs::remove_file(&layers).unwrap();
-    let shipped_layers = shipped.join(themescan::heads::ENCODER_LAYERS);
-    if shipped_layers.is_file() {
-        let Err(err) = build() else {
-            panic!("missing layers are refused")
-        };
-        assert!(matches!(err, Error::ModelFolder { .. }), "{err}");
-    }
+    let card_path = dir.path().join(themescan::heads::ner::NER_HEAD_CARD);
+    let mut card: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&card_path).unwrap()).unwrap();
+    card["encoder_layers_sha256"] = serde_json::json!("0".repeat(64));
+    std::fs::write(&card_path, card.to_string()).unwrap();
+    let Err(err) = build() else {
+        panic!("missing layers are refused")
+    };
+    assert!(
+        matches!(err, Error::ModelFolder { .. }) && err.to_string().contains("NER head"),
+        "{err}"
+    );
 }

@@ -21,7 +21,7 @@ use themescan::heads::ENCODER_LAYERS;
 use themescan::weights::Checkpoint;
 use themescan::{Embedder, ModelSource, TokenSource, WordPooling};
 
-use super::{Args, Rng, Split};
+use super::{head_tensors, Args, Rng, Split};
 
 /// One run's cached lower-layer states: `[tokens, hidden]` rows from `start` in the flat
 /// buffer, each word's first sub-token row within the run (`None` for a word with no token),
@@ -40,7 +40,66 @@ struct LowerStates {
     runs: Vec<RunStates>,
 }
 
-/// Encodes `split`'s runs through the first `keep` layers, or reads them from `cache`.
+/// A split's lower-layer states as cached: `[tokens, hidden]` rows of the kept runs in order,
+/// tokens per kept run, each word's first sub-token row (`u32::MAX`: none), kept run indices.
+struct Cached {
+    rows: Vec<f32>,
+    tokens: Vec<u32>,
+    first: Vec<u32>,
+    kept: Vec<u32>,
+}
+
+/// Encodes `split`'s runs through the embedder (the lower layers). A run longer than one
+/// window is left out rather than cut.
+fn encode_lower(embedder: &Embedder, split: &Split) -> Result<Cached> {
+    let started = std::time::Instant::now();
+    let mut out = Cached {
+        rows: Vec::new(),
+        tokens: Vec::new(),
+        first: Vec::new(),
+        kept: Vec::new(),
+    };
+    for (c, chunk) in split.runs.chunks(16).enumerate() {
+        let words: Vec<Vec<String>> = chunk
+            .iter()
+            .map(|r| {
+                split.sentences[r.clone()]
+                    .iter()
+                    .flat_map(|s| s.tokens.iter().cloned())
+                    .collect()
+            })
+            .collect();
+        let texts: Vec<String> = words.iter().map(|w| w.join(" ")).collect();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let states = embedder.token_states(&refs)?;
+        for (i, (w, state)) in words.iter().zip(&states).enumerate() {
+            let [window] = state.windows.as_slice() else {
+                continue;
+            };
+            out.first.extend(
+                state
+                    .word_rows(w)
+                    .into_iter()
+                    .map(|found| found.map_or(u32::MAX, |(_, rows)| rows[0] as u32)),
+            );
+            out.rows.extend(window.hidden.iter());
+            out.tokens.push(window.ids.len() as u32);
+            out.kept.push((c * 16 + i) as u32);
+        }
+        eprint!(
+            "\r  {} {}/{} runs, {:.0}s",
+            split.lang,
+            ((c + 1) * 16).min(split.runs.len()),
+            split.runs.len(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    eprintln!();
+    Ok(out)
+}
+
+/// Adds `split`'s runs through the lower layers to `into`, from `cache` or encoded (and then
+/// cached).
 fn lower_states(
     embedder: &Embedder,
     split: &Split,
@@ -48,97 +107,57 @@ fn lower_states(
     into: &mut LowerStates,
 ) -> Result<()> {
     let h = into.hidden;
-    let sentences = |r: &std::ops::Range<usize>| split.sentences[r.clone()].iter();
-    let mut rows = Vec::new();
-    let mut runs = Vec::new();
-    let cached = candle_core::safetensors::load(cache, &Device::Cpu).ok();
-    if let Some(t) = cached {
-        let get = |n: &str| t.get(n).cloned().with_context(|| format!("{n} in cache"));
-        rows = get("rows")?.flatten_all()?.to_vec1::<f32>()?;
-        let tokens = get("tokens")?.to_vec1::<u32>()?;
-        let first = get("first")?.to_vec1::<u32>()?;
-        let kept = get("kept")?.to_vec1::<u32>()?;
-        let (mut at, mut word) = (0, 0);
-        for (&k, &n) in kept.iter().zip(&tokens) {
-            let r = &split.runs[k as usize];
-            let tags: Vec<u32> = sentences(r)
-                .flat_map(|s| s.tags.iter().map(|t| t.index() as u32))
-                .collect();
-            let f = first[word..word + tags.len()]
-                .iter()
-                .map(|&i| (i != u32::MAX).then_some(i))
-                .collect();
-            word += tags.len();
-            runs.push(RunStates {
-                start: at,
-                tokens: n as usize,
-                first: f,
-                tags,
-            });
-            at += n as usize;
-        }
-    } else {
-        let started = std::time::Instant::now();
-        let (mut kept, mut tokens, mut first_flat) = (Vec::new(), Vec::new(), Vec::new());
-        for (c, chunk) in split.runs.chunks(16).enumerate() {
-            let words: Vec<Vec<String>> = chunk
-                .iter()
-                .map(|r| {
-                    sentences(r)
-                        .flat_map(|s| s.tokens.iter().cloned())
-                        .collect()
-                })
-                .collect();
-            let texts: Vec<String> = words.iter().map(|w| w.join(" ")).collect();
-            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let states = embedder.token_states(&refs)?;
-            for (i, (w, state)) in words.iter().zip(&states).enumerate() {
-                // A run longer than one window is left out rather than cut.
-                let [window] = state.windows.as_slice() else {
-                    continue;
-                };
-                let starts: Vec<(usize, usize)> = window
-                    .spans
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(row, sp)| sp.map(|sp| (sp.start, row)))
-                    .collect();
-                let mut at = 0;
-                for word in w {
-                    let (ws, we) = (at, at + word.len());
-                    at = we + 1;
-                    let from = starts.partition_point(|&(s, _)| s < ws);
-                    first_flat.push(match starts.get(from) {
-                        Some(&(s, row)) if s < we => row as u32,
-                        _ => u32::MAX,
-                    });
-                }
-                rows.extend(window.hidden.iter());
-                tokens.push(window.ids.len() as u32);
-                kept.push((c * 16 + i) as u32);
+    let cached = match candle_core::safetensors::load(cache, &Device::Cpu) {
+        Ok(t) => {
+            let get = |n: &str| t.get(n).cloned().with_context(|| format!("{n} in cache"));
+            Cached {
+                rows: get("rows")?.flatten_all()?.to_vec1::<f32>()?,
+                tokens: get("tokens")?.to_vec1::<u32>()?,
+                first: get("first")?.to_vec1::<u32>()?,
+                kept: get("kept")?.to_vec1::<u32>()?,
             }
-            eprint!(
-                "\r  {} {}/{} runs, {:.0}s",
-                split.lang,
-                ((c + 1) * 16).min(split.runs.len()),
-                split.runs.len(),
-                started.elapsed().as_secs_f64()
+        }
+        Err(_) => {
+            let c = encode_lower(embedder, split)?;
+            let total: usize = c.tokens.iter().map(|&n| n as usize).sum();
+            let mut tensors = HashMap::new();
+            tensors.insert(
+                "rows".to_string(),
+                Tensor::from_slice(&c.rows, (total, h), &Device::Cpu)?,
             );
+            for (name, v) in [
+                ("tokens", &c.tokens),
+                ("first", &c.first),
+                ("kept", &c.kept),
+            ] {
+                tensors.insert(name.to_string(), Tensor::new(v.as_slice(), &Device::Cpu)?);
+            }
+            std::fs::create_dir_all(cache.parent().context("cache has a parent")?)?;
+            candle_core::safetensors::save(&tensors, cache)?;
+            c
         }
-        eprintln!();
-        let total: usize = tokens.iter().map(|&n| n as usize).sum();
-        let mut tensors = HashMap::new();
-        tensors.insert(
-            "rows".to_string(),
-            Tensor::from_slice(&rows, (total, h), &Device::Cpu)?,
-        );
-        for (name, v) in [("tokens", &tokens), ("first", &first_flat), ("kept", &kept)] {
-            tensors.insert(name.to_string(), Tensor::new(v.as_slice(), &Device::Cpu)?);
-        }
-        std::fs::create_dir_all(cache.parent().context("cache has a parent")?)?;
-        candle_core::safetensors::save(&tensors, cache)?;
-        return lower_states(embedder, split, cache, into);
+    };
+    let mut runs = Vec::with_capacity(cached.kept.len());
+    let (mut at, mut word) = (0, 0);
+    for (&k, &n) in cached.kept.iter().zip(&cached.tokens) {
+        let tags: Vec<u32> = split.sentences[split.runs[k as usize].clone()]
+            .iter()
+            .flat_map(|s| s.tags.iter().map(|t| t.index() as u32))
+            .collect();
+        let first = cached.first[word..word + tags.len()]
+            .iter()
+            .map(|&i| (i != u32::MAX).then_some(i))
+            .collect();
+        word += tags.len();
+        runs.push(RunStates {
+            start: at,
+            tokens: n as usize,
+            first,
+            tags,
+        });
+        at += n as usize;
     }
+    let rows = cached.rows;
     let offset = into.rows.len() / h;
     into.rows.extend(rows);
     into.runs.extend(runs.into_iter().map(|mut r| {
@@ -165,17 +184,7 @@ impl TopLayers {
         for i in first..cfg.num_hidden_layers {
             let w = checkpoint.root().pp("encoder").pp("layer").pp(i);
             for (name, shape) in layer_tensors(&cfg) {
-                let (parent, leaf) = name.rsplit_once('.').context("dotted tensor name")?;
-                let t = if shape.len() == 2 {
-                    match w.pp(parent).matrix(leaf, shape[0], shape[1])? {
-                        themescan::weights::MatrixWeight::Dense(t) => t,
-                        themescan::weights::MatrixWeight::Quantized(q) => {
-                            q.dequantize(&Device::Cpu)?
-                        }
-                    }
-                } else {
-                    w.pp(parent).tensor(leaf, &shape)?
-                };
+                let t = w.dense_tensor(&name, &shape)?;
                 vars.push((format!("encoder.layer.{i}.{name}"), Var::from_tensor(&t)?));
             }
         }
@@ -412,14 +421,7 @@ pub fn train(args: &Args, train: &[Split]) -> Result<FineTuned> {
     std::fs::create_dir_all(&args.out)?;
     let layers_file = args.out.join(ENCODER_LAYERS);
     top.save(&layers_file)?;
-    let mut tensors: HashMap<String, Tensor> = varmap
-        .data()
-        .lock()
-        .expect("no other thread holds the varmap")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
-    tensors.extend(scaling.tensors()?);
+    let tensors = head_tensors(&varmap, &scaling)?;
     Ok(FineTuned {
         head: NerHead::new(scaling, net, 0, false, &Device::Cpu),
         tensors,

