@@ -40,6 +40,10 @@ struct Args {
     /// CPU code path: auto (int8 where the CPU has AVX-512 VNNI), int8 or reference.
     #[arg(long, default_value = "auto")]
     cpu_path: themescan::CpuPath,
+    /// Dtype of dense weights and activations: f32, f16 or bf16 (f16/bf16 suit dense
+    /// checkpoints on a GPU; the default Q4_0 model takes f32 only).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Records embedded per call (more records let batches mix lengths better).
     #[arg(long, default_value_t = 64)]
     chunk: usize,
@@ -100,6 +104,12 @@ fn main() -> anyhow::Result<()> {
     if let Some(b) = args.batch_tokens {
         builder = builder.batch_tokens(b);
     }
+    builder = builder.dtype(match args.dtype.as_str() {
+        "f32" => themescan::DType::F32,
+        "f16" => themescan::DType::F16,
+        "bf16" => themescan::DType::BF16,
+        other => anyhow::bail!("--dtype {other}: expected f32, f16 or bf16"),
+    });
     if let Some(t) = args.threads {
         builder = builder.threads(t);
     }
