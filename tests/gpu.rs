@@ -84,8 +84,7 @@ fn cuda_analyzer_gives_the_cpu_labels() {
         .enumerate()
         .map(|(i, t)| Article::new(format!("t{i}"), t))
         .collect();
-    if let Some(seeds) = shared_data("cuda_analyzer_gives_the_cpu_labels", "seeds/articles.jsonl")
-    {
+    if let Some(seeds) = shared_data("cuda_analyzer_gives_the_cpu_labels", "seeds/articles.jsonl") {
         for line in std::fs::read_to_string(seeds).unwrap().lines() {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
             articles.push(Article::new(
@@ -105,7 +104,11 @@ fn cuda_analyzer_gives_the_cpu_labels() {
         gpu.analyze_many(&articles).unwrap(),
     );
     for (x, y) in a.iter().zip(&b) {
-        assert_eq!(x.labels, y.labels, "{}: cpu {:?} gpu {:?}", x.id, x.themes, y.themes);
+        assert_eq!(
+            x.labels, y.labels,
+            "{}: cpu {:?} gpu {:?}",
+            x.id, x.themes, y.themes
+        );
         assert_eq!(x.tokens, y.tokens);
     }
 }
@@ -131,7 +134,10 @@ fn cuda_long_texts_and_padding_under_a_gpu_budget() {
         .build()
         .unwrap();
     let cpu = cpu_reference();
-    let (g, c) = (gpu.token_states(&inputs).unwrap(), cpu.token_states(&inputs).unwrap());
+    let (g, c) = (
+        gpu.token_states(&inputs).unwrap(),
+        cpu.token_states(&inputs).unwrap(),
+    );
     for (x, y) in g.iter().zip(&c) {
         assert_eq!(x.windows.len(), y.windows.len());
         assert_eq!(x.content_tokens, y.content_tokens);

@@ -284,3 +284,75 @@ fn classify_keeps_the_jsonl_contract() {
         out[5]
     );
 }
+
+/// Copies the shipped heads into a temporary folder and edits the theme card there.
+fn heads_with_theme_card(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(themescan::default_heads_folder()).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension()
+            .is_some_and(|e| e == "json" || e == "safetensors")
+        {
+            std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let card_path = dir.path().join(themescan::heads::theme::THEME_HEAD_CARD);
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&card_path).unwrap()).unwrap();
+    edit(&mut json);
+    std::fs::write(&card_path, json.to_string()).unwrap();
+    dir
+}
+
+fn analyzer_with(heads: &std::path::Path) -> themescan::Result<Analyzer> {
+    Analyzer::builder()
+        .model(ModelSource::Folder(default_model_folder()))
+        .heads(heads)
+        .threads(2)
+        .build()
+}
+
+/// Issue 12: a card's calibration and aggregation rule reach the scores; scores stay in
+/// [0, 1] and a theme is a label exactly when its calibrated score reaches its threshold.
+#[test]
+fn calibration_and_aggregation_from_the_card_reach_the_scores() {
+    let text = texts()[0].text.clone();
+    let plain = analyzer()
+        .analyze(&Article::new("x", text.clone()))
+        .unwrap();
+    let sharpen = serde_json::json!({"slope": 3.0, "intercept": -1.0});
+    let dir = heads_with_theme_card(|card| {
+        card["calibration"] = serde_json::json!([sharpen, sharpen, sharpen, sharpen]);
+        card["aggregation"] = serde_json::json!("max");
+    });
+    let analyzer = analyzer_with(dir.path()).unwrap();
+    let calibrated = analyzer.analyze(&Article::new("x", text)).unwrap();
+    let platt = themescan::heads::theme::Platt {
+        slope: 3.0,
+        intercept: -1.0,
+    };
+    for (raw, cal) in plain.themes.iter().zip(&calibrated.themes) {
+        // One window: the max and the top-two mean of one score are the score itself.
+        assert!(
+            (platt.apply(raw.score) - cal.score).abs() < 1e-5,
+            "{raw:?} {cal:?}"
+        );
+        assert!((0.0..=1.0).contains(&cal.score));
+        let over = cal.score >= analyzer.theme_card().thresholds[cal.theme.index()];
+        assert_eq!(over, calibrated.labels.contains(&cal.theme));
+    }
+}
+
+/// Issue 12: the theme and NER heads share one layer mean per encoder pass; a folder whose
+/// theme card asks for another layer mean than the NER head's is refused, naming the fix.
+#[test]
+fn theme_card_with_another_layer_mean_than_the_ner_head_is_refused() {
+    let dir = heads_with_theme_card(|card| {
+        card["pooling"] = serde_json::json!("mean_max_with_layer_mean");
+        card["layer_mean"] = serde_json::json!([4, 12]);
+    });
+    let Err(err) = analyzer_with(dir.path()) else {
+        panic!("a theme card asking for another layer mean than the NER head's is refused")
+    };
+    assert!(err.to_string().contains("train_themes"), "{err}");
+}
