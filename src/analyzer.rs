@@ -664,17 +664,24 @@ impl Analyzer {
         let width = self.card.input_size;
         let mut rows = Vec::with_capacity(kept.len() * width);
         for &i in &kept {
-            let last: Vec<_> = members[i]
-                .iter()
-                .map(|&(w, row)| states.windows[w].hidden.row(row))
-                .collect();
-            let layer_mean: Option<Vec<_>> = members[i]
-                .iter()
-                .map(|&(w, row)| states.windows[w].layer_mean.as_ref().map(|m| m.row(row)))
-                .collect();
+            // The sentence's token states, from the last layer or the layer mean, without
+            // copying them: one closure, so both iterators have one type.
+            let states_of = |layer_mean: bool| {
+                members[i].iter().map(move |&(w, row)| {
+                    let window = &states.windows[w];
+                    let table = match (layer_mean, &window.layer_mean) {
+                        (true, Some(m)) => m,
+                        _ => &window.hidden,
+                    };
+                    table.row(row)
+                })
+            };
             self.card.pooling.pool(
-                last.into_iter(),
-                layer_mean.map(|m| m.into_iter()),
+                states_of(false),
+                self.card
+                    .pooling
+                    .needs_layer_mean()
+                    .then(|| states_of(true)),
                 h,
                 &mut rows,
             );
