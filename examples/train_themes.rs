@@ -383,16 +383,26 @@ fn article_probs(
     Ok(out)
 }
 
-/// Per-theme thresholds that maximise F1 on `probs` against `gold`, and the flags they give.
-fn tune(probs: &[[f32; 4]], gold: &[[bool; 4]]) -> (Vec<f32>, Vec<[bool; 4]>) {
-    let thresholds: Vec<f32> = (0..4)
+/// `fit` applied to each theme's column of scores and gold flags.
+fn per_theme<T>(
+    probs: &[[f32; 4]],
+    gold: &[[bool; 4]],
+    fit: impl Fn(&[f32], &[bool]) -> T,
+) -> Vec<T> {
+    (0..4)
         .map(|k| {
             let s: Vec<f32> = probs.iter().map(|p| p[k]).collect();
             let g: Vec<bool> = gold.iter().map(|g| g[k]).collect();
-            best_threshold(&s, &g)
+            fit(&s, &g)
         })
-        .collect();
-    (thresholds.clone(), flags(probs, &thresholds))
+        .collect()
+}
+
+/// Per-theme thresholds that maximise F1 on `probs` against `gold`, and the flags they give.
+fn tune(probs: &[[f32; 4]], gold: &[[bool; 4]]) -> (Vec<f32>, Vec<[bool; 4]>) {
+    let thresholds = per_theme(probs, gold, best_threshold);
+    let predicted = flags(probs, &thresholds);
+    (thresholds, predicted)
 }
 
 fn flags(probs: &[[f32; 4]], thresholds: &[f32]) -> Vec<[bool; 4]> {
@@ -623,13 +633,7 @@ fn main() -> Result<()> {
     // Platt scaling per theme on the chosen rule's out-of-fold scores, then thresholds on the
     // calibrated scores.
     let raw = &oof[&aggregation];
-    let calibration: Vec<Platt> = (0..4)
-        .map(|k| {
-            let s: Vec<f32> = raw.iter().map(|p| p[k]).collect();
-            let g: Vec<bool> = train_gold.iter().map(|g| g[k]).collect();
-            fit_platt(&s, &g)
-        })
-        .collect();
+    let calibration: Vec<Platt> = per_theme(raw, &train_gold, fit_platt);
     let calibrate =
         |p: &[f32; 4]| -> [f32; 4] { std::array::from_fn(|k| calibration[k].apply(p[k])) };
     let calibrated: Vec<[f32; 4]> = raw.iter().map(calibrate).collect();

@@ -669,9 +669,13 @@ impl Analyzer {
             let states_of = |layer_mean: bool| {
                 members[i].iter().map(move |&(w, row)| {
                     let window = &states.windows[w];
-                    let table = match (layer_mean, &window.layer_mean) {
-                        (true, Some(m)) => m,
-                        _ => &window.hidden,
+                    // `build` gives the embedder a layer mean whenever the card's pooling reads one.
+                    let table = match layer_mean {
+                        true => window
+                            .layer_mean
+                            .as_ref()
+                            .expect("the embedder makes layer means for this pooling"),
+                        false => &window.hidden,
                     };
                     table.row(row)
                 })
