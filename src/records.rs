@@ -113,7 +113,7 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 
 /// NUL bytes are read as spaces (same length, so offsets still point into the original text);
 /// the record keeps a warning saying so.
-fn replace_nuls(text: String) -> (String, Option<String>) {
+pub fn replace_nuls(text: String) -> (String, Option<String>) {
     let nuls = text.bytes().filter(|&b| b == 0).count();
     if nuls == 0 {
         return (text, None);

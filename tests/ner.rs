@@ -123,7 +123,6 @@ fn entity_offsets_slice_random_multilingual_text() {
 /// in every part of it (the windows' seams included).
 #[test]
 fn long_text_mentions_are_not_duplicated() {
-    let analyzer = analyzer();
     let cities = [
         "Antwerpen",
         "Rotterdam",
@@ -141,26 +140,67 @@ fn long_text_mentions_are_not_duplicated() {
         "Marieke de Jong",
     ];
     let verbs = ["sprak met", "ontmoette", "belde", "waarschuwde"];
-    let mut text = String::new();
-    for i in 0..120 {
-        text.push_str(&format!(
-            "Op dag {i} {} {} de burgemeester van {} over het onderzoek. ",
-            verbs[i % 4],
-            people[(i / 4) % 4],
-            cities[(i * 3) % 8]
-        ));
-    }
+    let text = (0..120)
+        .map(|i| {
+            format!(
+                "Op dag {i} {} {} de burgemeester van {} over het onderzoek. ",
+                verbs[i % 4],
+                people[(i / 4) % 4],
+                cities[(i * 3) % 8]
+            )
+        })
+        .collect::<String>();
+    assert_long_text_covered(&text, &cities);
+}
+
+/// Issue 13: the same for French, the ninth NER language.
+#[test]
+fn long_french_text_mentions_are_not_duplicated() {
+    let cities = [
+        "Marseille",
+        "Lyon",
+        "Toulouse",
+        "Nantes",
+        "Strasbourg",
+        "Bordeaux",
+        "Lille",
+        "Rennes",
+    ];
+    let people = [
+        "Claire Dubois",
+        "Karim Benali",
+        "Julien Moreau",
+        "Sophie Lefèvre",
+    ];
+    let verbs = ["a rencontré", "a appelé", "a averti", "a reçu"];
+    let text = (0..120)
+        .map(|i| {
+            format!(
+                "Le jour {i}, {} {} le maire de {} au sujet de l'enquête. ",
+                people[(i / 4) % 4],
+                verbs[i % 4],
+                cities[(i * 3) % 8]
+            )
+        })
+        .collect::<String>();
+    assert_long_text_covered(&text, &cities);
+}
+
+/// `text` spans at least four windows, its mentions are listed once, in order, without
+/// overlaps, and the places are found in nearly every sentence, seams included.
+fn assert_long_text_covered(text: &str, cities: &[&str]) {
+    let analyzer = analyzer();
     assert!(
         analyzer
             .embedder()
             .text_encoder()
-            .encode(&text)
+            .encode(text)
             .unwrap()
             .windows
             .len()
             >= 4
     );
-    let entities = analyzer.entities(&text).unwrap();
+    let entities = analyzer.entities(text).unwrap();
     let starts: std::collections::HashSet<usize> = entities.iter().map(|e| e.start).collect();
     assert_eq!(starts.len(), entities.len(), "duplicate mentions");
     for pair in entities.windows(2) {
@@ -174,6 +214,33 @@ fn long_text_mentions_are_not_duplicated() {
         .filter(|e| cities.contains(&e.text.as_str()))
         .count();
     assert!(places >= 100, "cities found {places} times of 120");
+}
+
+/// Issue 13: a French news paragraph (written for this test) yields its people,
+/// organisations and places with their types.
+#[test]
+fn french_news_names_people_organisations_and_places() {
+    let text = "Le parquet national antiterroriste a ouvert une enquête après l'arrestation \
+        à Lyon de deux hommes soupçonnés d'avoir diffusé des vidéos de l'État islamique. \
+        Selon la porte-parole du ministère, Hélène Marchetti, la Direction générale de la \
+        sécurité intérieure suivait le groupe depuis plusieurs mois. Europol a aidé les \
+        enquêteurs à identifier un serveur installé en Belgique.";
+    let entities = analyzer().entities(text).unwrap();
+    let found: Vec<(String, String)> = entities
+        .iter()
+        .map(|e| (e.label.to_string(), e.text.clone()))
+        .collect();
+    for (label, name) in [
+        ("LOC", "Lyon"),
+        ("PER", "Hélène Marchetti"),
+        ("ORG", "Europol"),
+        ("LOC", "Belgique"),
+    ] {
+        assert!(
+            found.iter().any(|(l, t)| l == label && t == name),
+            "{label} {name} not in {found:?}"
+        );
+    }
 }
 
 /// Issue 4: the seed articles yield the entities an analyst expects.

@@ -81,7 +81,7 @@ fn compact_model_tokenises_the_ner_dev_sentences_as_the_crate_does() {
         return;
     };
     let mut sentences = 0;
-    for lang in ["nl", "ar", "en", "es", "de", "ru", "tr", "id"] {
+    for lang in ["nl", "ar", "en", "es", "de", "ru", "tr", "id", "fr"] {
         let text = std::fs::read_to_string(data.join(lang).join("dev.conll")).unwrap();
         for block in text.split("\n\n") {
             let words: Vec<&str> = block

@@ -1,4 +1,4 @@
-//! Trains the NER head on `../shared/ner-data/<lang>/train.conll` (8 languages, read in place)
+//! Trains the NER head on `../shared/ner-data/<lang>/train.conll` (9 languages, read in place)
 //! over the frozen default encoder, and writes `models/heads/ner.safetensors` and `ner.json`.
 //!
 //! ```text
@@ -15,7 +15,9 @@
 //!    over all its sub-tokens.
 //! 3. Per feature kind, a network (a word's standardised row joined by its neighbours', a dense
 //!    layer, residual layers mixing each word with its neighbours at dilations 1, 2, 4) is trained with softmax cross-entropy on
-//!    all languages together, runs in a seeded order.
+//!    all languages together, runs in a seeded order, each language drawn per epoch in
+//!    proportion to its words to the power `--lang-alpha`. Corpora without a MISC class tag
+//!    MISC-like names `O`; there the loss is over {O, B-MISC, I-MISC} (partial labels).
 //! 4. Dev files are tagged the same way and scored at entity level (conlleval), with per-word
 //!    argmax + BIO repair and with BIO-constrained Viterbi. The feature kind and decoder with the
 //!    best mean F1 over languages are written out.
@@ -34,13 +36,23 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
 use themescan::entities::{repair_bio, EntityLabel, Tag};
 use themescan::heads::ner::{
-    decode, with_context, InputScaling, NerCard, NerDevScore, NerHead, NerNet, NER_HEAD_CARD,
+    decode, InputScaling, NerCard, NerDevScore, NerHead, NerNet, NER_HEAD_CARD,
     NER_HEAD_WEIGHTS,
 };
 use themescan::train::conll::{pack_sentences, read_conll, score_entities, ConllSentence};
 use themescan::{CpuPath, Embedder, ModelSource, TokenSource, WordPooling};
 
-const LANGS: [&str; 8] = ["nl", "ar", "en", "es", "de", "ru", "tr", "id"];
+const LANGS: [&str; 9] = ["nl", "ar", "en", "es", "de", "ru", "tr", "id", "fr"];
+
+/// Training files that append a corpus without a MISC class after one with it: from this
+/// sentence on, a name the corpus would call MISC is tagged `O` (see the data README). There
+/// an `O` only says "not PER, ORG or LOC", so the loss marginalises over `O`, `B-MISC` and
+/// `I-MISC` instead of teaching that such names are not entities. Turkish has no MISC at all,
+/// in train and dev alike, so its `O` stays an ordinary label: there, predicting MISC is wrong.
+/// Languages written with letter case that lower-casing does not garble.
+const LOWER_CASED: [&str; 7] = ["nl", "en", "es", "de", "ru", "id", "fr"];
+
+const MISC_UNKNOWN_FROM: [(&str, usize); 3] = [("ar", 3_567), ("de", 1_980), ("id", 6_720)];
 
 /// The word features compared, in cache order.
 const KINDS: [(TokenSource, WordPooling); 3] = [
@@ -88,9 +100,27 @@ struct Args {
     epochs: usize,
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
-    /// Train only this feature kind (0, 1, 2 as in the table); all by default.
+    /// Train only this feature kind (0, 1, 2 as in the table); all by default. Only this
+    /// kind is encoded and cached, which matters on all the data (1.4 GB per kind and million
+    /// words).
     #[arg(long)]
     kind: Option<usize>,
+    /// Language sampling: per epoch, a language's share of training words is proportional to
+    /// its words to this power (1: as in the files; 0.5 lifts small languages, repeating
+    /// their runs, and thins large ones).
+    #[arg(long, default_value_t = 1.0)]
+    lang_alpha: f64,
+    /// Treat `O` in corpora without MISC as known `O` (no partial labels), for comparison.
+    #[arg(long)]
+    no_partial_misc: bool,
+    /// Case augmentation: this fraction of each cased language's training words is added
+    /// again lower-cased (runs spread over the file), so the head also works on text without
+    /// capitals. Turkish is left out: Unicode lower-casing maps `I` to `i`, not `ı`.
+    #[arg(long, default_value_t = 0.0)]
+    lower_fraction: f64,
+    /// Languages whose dev sets are also scored lower-cased (reported, not used to choose).
+    #[arg(long, value_delimiter = ',', default_value = "nl,en,es")]
+    lower_dev: Vec<String>,
     #[arg(long, default_value_t = 20261121)]
     seed: u64,
     #[arg(long, default_value_t = 2)]
@@ -149,13 +179,38 @@ fn select_runs(sentences: &[ConllSentence], pack: usize, max_words: usize) -> Ve
         .collect()
 }
 
-/// Every kind's word features for the kept runs, cached.
-fn encode(embedder: &Embedder, split: &mut Split, cache: &Path) -> Result<()> {
+/// A lower-cased copy of a split's sentences, with runs spread until `max_words` (0: all).
+fn lower_cased(split: &Split, name: &'static str, max_words: usize, pack: usize) -> Split {
+    let sentences: Vec<ConllSentence> = split
+        .sentences
+        .iter()
+        .map(|s| ConllSentence {
+            tokens: s.tokens.iter().map(|t| t.to_lowercase()).collect(),
+            tags: s.tags.clone(),
+            line: s.line,
+        })
+        .collect();
+    let runs = select_runs(&sentences, pack, max_words);
+    Split {
+        lang: split.lang,
+        name,
+        sentences,
+        runs,
+        features: Vec::new(),
+    }
+}
+
+/// The word features of the kinds in `wanted` for the kept runs, cached; other kinds are left
+/// empty.
+fn encode(embedder: &Embedder, split: &mut Split, cache: &Path, wanted: &[usize]) -> Result<()> {
     let words = split.words();
     let h = embedder.hidden_size();
     if let Ok(t) = candle_core::safetensors::load(cache, &Device::Cpu) {
         let kinds: Option<Vec<Vec<f32>>> = (0..KINDS.len())
             .map(|k| {
+                if !wanted.contains(&k) {
+                    return Some(Vec::new());
+                }
                 t.get(&format!("k{k}"))
                     .filter(|x| x.dims() == [words, h])
                     .and_then(|x| x.flatten_all().ok()?.to_vec1().ok())
@@ -167,7 +222,15 @@ fn encode(embedder: &Embedder, split: &mut Split, cache: &Path) -> Result<()> {
         }
     }
     let started = std::time::Instant::now();
-    let mut features = vec![Vec::with_capacity(words * h); KINDS.len()];
+    let mut features: Vec<Vec<f32>> = (0..KINDS.len())
+        .map(|k| {
+            if wanted.contains(&k) {
+                Vec::with_capacity(words * h)
+            } else {
+                Vec::new()
+            }
+        })
+        .collect();
     let mut done = 0;
     for chunk in split.runs.chunks(16) {
         let run_words: Vec<Vec<String>> = chunk
@@ -183,7 +246,8 @@ fn encode(embedder: &Embedder, split: &mut Split, cache: &Path) -> Result<()> {
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let states = embedder.token_states(&refs)?;
         for (w, state) in run_words.iter().zip(&states) {
-            for (k, &(source, pooling)) in KINDS.iter().enumerate() {
+            for &k in wanted {
+                let (source, pooling) = KINDS[k];
                 features[k].extend(state.word_states(w, source, pooling)?);
             }
             done += w.len();
@@ -196,7 +260,7 @@ fn encode(embedder: &Embedder, split: &mut Split, cache: &Path) -> Result<()> {
     eprintln!();
     std::fs::create_dir_all(cache.parent().expect("cache has a parent"))?;
     let mut tensors = HashMap::new();
-    for (k, f) in features.iter().enumerate() {
+    for (k, f) in features.iter().enumerate().filter(|(k, _)| wanted.contains(k)) {
         tensors.insert(
             format!("k{k}"),
             Tensor::from_slice(f, (words, h), &Device::Cpu)?,
@@ -216,8 +280,12 @@ fn encode_split(
     encoder_key: &str,
 ) -> Result<()> {
     // Keyed by the path too: int8 and f32 states differ slightly.
+    let (wanted, kinds_key) = match args.kind {
+        Some(k) => (vec![k], format!("-k{k}")),
+        None => ((0..KINDS.len()).collect(), String::new()),
+    };
     let cache = PathBuf::from("target/themescan-cache").join(format!(
-        "ner-{}-{}-w{}-p{}-l{}-{:?}{encoder_key}.safetensors",
+        "ner-{}-{}-w{}-p{}-l{}-{:?}{encoder_key}{kinds_key}.safetensors",
         split.lang,
         split.name,
         split.words(),
@@ -225,46 +293,68 @@ fn encode_split(
         args.layers,
         embedder.cpu_path()
     ));
-    encode(embedder, split, &cache)?;
-    if let Some(keep) = args.kind {
-        // Only one kind is trained: free the others (gigabytes on all the data).
-        for (k, f) in split.features.iter_mut().enumerate() {
-            if k != keep {
-                *f = Vec::new();
-            }
-        }
-    }
-    Ok(())
+    encode(embedder, split, &cache, &wanted)
 }
 
-/// A split's standardised rows for one kind with neighbours joined (never across runs), and
-/// its gold tags.
+/// A split's standardised word rows for one kind (neighbours are joined per batch, so the
+/// training matrix stays one row per word), its gold tags, and per word whether its `O` leaves
+/// MISC open (see [`MISC_UNKNOWN_FROM`]).
 fn rows(
     split: &Split,
     kind: usize,
     scaling: &InputScaling,
-    context: usize,
-) -> (Vec<f32>, Vec<u32>) {
-    let h = scaling.mean.len();
+    partial_misc: bool,
+) -> (Vec<f32>, Vec<u32>, Vec<bool>) {
     let mut feats = split.features[kind].clone();
     scaling.apply(&mut feats);
-    let mut x = Vec::with_capacity(feats.len() * (2 * context + 1));
+    let misc_from = MISC_UNKNOWN_FROM
+        .iter()
+        .find(|(lang, _)| partial_misc && split.name.starts_with("train") && *lang == split.lang)
+        .map_or(usize::MAX, |&(_, from)| from);
     let mut y = Vec::new();
-    let mut at = 0;
+    let mut misc_open = Vec::new();
     for r in &split.runs {
-        let n: usize = split.sentences[r.clone()]
-            .iter()
-            .map(|s| s.tokens.len())
-            .sum();
-        x.extend(with_context(&feats[at * h..(at + n) * h], h, context));
-        y.extend(
-            split.sentences[r.clone()]
-                .iter()
-                .flat_map(|s| s.tags.iter().map(|t| t.index() as u32)),
-        );
-        at += n;
+        for i in r.clone() {
+            let s = &split.sentences[i];
+            y.extend(s.tags.iter().map(|t| t.index() as u32));
+            misc_open.extend(s.tags.iter().map(|&t| i >= misc_from && t == Tag::O));
+        }
     }
-    (x, y)
+    (feats, y, misc_open)
+}
+
+/// Additive log-space masks of the tags each word's label allows: its gold tag, or `O`,
+/// `B-MISC` and `I-MISC` where MISC is open. Cross-entropy over the allowed set
+/// (`-log Σ p(allowed)`) is ordinary cross-entropy for a single allowed tag.
+fn allowed_masks(y: &[u32], misc_open: &[bool]) -> Vec<f32> {
+    let misc = [
+        Tag::O.index(),
+        Tag::B(EntityLabel::Misc).index(),
+        Tag::I(EntityLabel::Misc).index(),
+    ];
+    let mut out = vec![-1e9f32; y.len() * Tag::COUNT];
+    for (i, (&t, &open)) in y.iter().zip(misc_open).enumerate() {
+        out[i * Tag::COUNT + t as usize] = 0.0;
+        if open {
+            for m in misc {
+                out[i * Tag::COUNT + m] = 0.0;
+            }
+        }
+    }
+    out
+}
+
+/// How many times each language's runs are drawn per epoch so that its share of words is
+/// proportional to `words^alpha`, with the total number of words unchanged.
+fn language_draws(words: &[usize], alpha: f64) -> Vec<f64> {
+    let total: f64 = words.iter().map(|&w| w as f64).sum();
+    let tempered: Vec<f64> = words.iter().map(|&w| (w as f64).powf(alpha)).collect();
+    let sum: f64 = tempered.iter().sum();
+    words
+        .iter()
+        .zip(&tempered)
+        .map(|(&w, &t)| if w == 0 { 0.0 } else { total * t / sum / w as f64 })
+        .collect()
 }
 
 struct Rng(u64);
@@ -322,6 +412,8 @@ struct Best {
     viterbi: bool,
     tensors: HashMap<String, Tensor>,
     scores: Vec<NerDevScore>,
+    /// Scores on the lower-cased dev copies, same decoder (reported only).
+    scores_lower: Vec<NerDevScore>,
 }
 
 fn mean_f1(scores: &[NerDevScore]) -> f64 {
@@ -388,6 +480,7 @@ fn fine_tuned(
             viterbi,
             tensors: tuned.tensors,
             scores,
+            scores_lower: Vec::new(),
         },
         embedder.hidden_size(),
         format!(
@@ -408,6 +501,7 @@ fn main() -> Result<()> {
 
     let mut train = Vec::new();
     let mut dev = Vec::new();
+    let mut dev_lower = Vec::new();
     let mut data_note = Vec::new();
     for lang in LANGS {
         for (split_name, max) in [("train", args.max_train_words), ("dev", args.max_dev_words)] {
@@ -429,6 +523,17 @@ fn main() -> Result<()> {
                 split.sentences.len(),
                 split.words()
             );
+            let lowered = if split_name == "train" {
+                (args.lower_fraction > 0.0 && LOWER_CASED.contains(&lang)).then(|| {
+                    let words = (split.words() as f64 * args.lower_fraction) as usize;
+                    lower_cased(&split, "train-lower", words.max(1), args.pack_words)
+                })
+            } else {
+                args.lower_dev
+                    .iter()
+                    .any(|l| l == lang)
+                    .then(|| lower_cased(&split, "dev-lower", 0, args.pack_words))
+            };
             if split_name == "train" {
                 data_note.push(format!(
                     "{lang}/train.conll: {kept} of {} sentences ({} words)",
@@ -438,6 +543,18 @@ fn main() -> Result<()> {
                 train.push(split);
             } else {
                 dev.push(split);
+            }
+            if let Some(lowered) = lowered {
+                eprintln!("{lang} {}: {} words", lowered.name, lowered.words());
+                if lowered.name == "train-lower" {
+                    data_note.push(format!(
+                        "{lang}/train.conll lower-cased: {} words",
+                        lowered.words()
+                    ));
+                    train.push(lowered);
+                } else {
+                    dev_lower.push(lowered);
+                }
             }
         }
     }
@@ -457,7 +574,11 @@ fn main() -> Result<()> {
     let embedder = builder.build()?;
     eprintln!("encoder: {}", embedder.describe_compute());
     let h = embedder.hidden_size();
-    for split in train.iter_mut().chain(dev.iter_mut()) {
+    for split in train
+        .iter_mut()
+        .chain(dev.iter_mut())
+        .chain(dev_lower.iter_mut())
+    {
         encode_split(&embedder, split, &args, &key)?;
     }
     let stale = args.out.join(themescan::heads::ENCODER_LAYERS);
@@ -488,22 +609,36 @@ fn main() -> Result<()> {
             .collect();
         let scaling = InputScaling::fit(&all, h);
         drop(all);
-        let mut x = Vec::new();
+        let total_words: usize = train.iter().map(Split::words).sum();
+        let mut x = Vec::with_capacity((total_words + 1) * h);
         let mut y = Vec::new();
+        let mut misc_open = Vec::new();
         for split in &train {
-            let (xs, ys) = rows(split, kind, &scaling, args.context);
+            let (xs, ys, open) = rows(split, kind, &scaling, !args.no_partial_misc);
             x.extend(xs);
             y.extend(ys);
+            misc_open.extend(open);
+        }
+        for split in train.iter_mut() {
+            // Copied into `x`; gigabytes on all the data.
+            split.features[kind] = Vec::new();
         }
         let n = y.len();
-        // One zero row past the end for padding positions.
-        x.extend(std::iter::repeat_n(0f32, width));
-        let x = Tensor::from_vec(x, (n + 1, width), &Device::Cpu)?;
-        let y = Tensor::from_vec(y, n, &Device::Cpu)?;
-        // (first row, words) of every training run, in file order.
-        let mut runs = Vec::new();
+        eprintln!(
+            "{n} training words, {} with MISC left open",
+            misc_open.iter().filter(|&&o| o).count()
+        );
+        // One zero row past the end: padding and neighbours outside a run.
+        x.extend(std::iter::repeat_n(0f32, h));
+        let x = Tensor::from_vec(x, (n + 1, h), &Device::Cpu)?;
+        let masks = allowed_masks(&y, &misc_open);
+        drop((y, misc_open));
+        let masks = Tensor::from_vec(masks, (n, Tag::COUNT), &Device::Cpu)?;
+        // (first row, words) of every training run, in file order, per language.
+        let mut runs_by_lang: Vec<Vec<(usize, usize)>> = Vec::new();
         let mut at = 0;
         for split in &train {
+            let mut runs = Vec::new();
             for r in &split.runs {
                 let words: usize = split.sentences[r.clone()]
                     .iter()
@@ -512,7 +647,21 @@ fn main() -> Result<()> {
                 runs.push((at, words));
                 at += words;
             }
+            runs_by_lang.push(runs);
         }
+        let draws = language_draws(
+            &train.iter().map(Split::words).collect::<Vec<_>>(),
+            args.lang_alpha,
+        );
+        eprintln!(
+            "runs drawn per epoch, per language: {}",
+            train
+                .iter()
+                .zip(&draws)
+                .map(|(s, d)| format!("{} {d:.2}x", s.lang))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         let varmap = VarMap::new();
         let net = NerNet::load(
             VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
@@ -534,51 +683,83 @@ fn main() -> Result<()> {
             // Cosine decay: the last epochs settle instead of bouncing at the full rate.
             let progress = epoch as f64 / args.epochs as f64;
             opt.set_learning_rate(args.lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()));
-            let mut order: Vec<usize> = (0..runs.len()).collect();
+            // Each language's runs, drawn `draws` times: whole passes, then a random part.
+            let mut order: Vec<(usize, usize)> = Vec::new();
+            for (runs, &d) in runs_by_lang.iter().zip(&draws) {
+                let whole = d.floor() as usize;
+                for _ in 0..whole {
+                    order.extend(runs);
+                }
+                let extra = ((d - whole as f64) * runs.len() as f64).round() as usize;
+                let mut rest = runs.clone();
+                for i in (1..rest.len()).rev() {
+                    rest.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+                }
+                order.extend(&rest[..extra.min(rest.len())]);
+            }
             for i in (1..order.len()).rev() {
                 order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
             }
             let mut total = 0f32;
+            let mut seen = 0usize;
+            let mut batches = 0usize;
             for chunk in order.chunks(args.batch_runs.max(1)) {
-                let lengths: Vec<usize> = chunk.iter().map(|&r| runs[r].1).collect();
+                let lengths: Vec<usize> = chunk.iter().map(|r| r.1).collect();
                 let len = lengths.iter().copied().max().unwrap_or(0);
-                let mut rows = Vec::with_capacity(chunk.len() * len);
+                // Row indices per neighbour offset, in `with_context`'s slot order.
+                let offsets = -(args.context as isize)..=args.context as isize;
+                let mut slots: Vec<Vec<u32>> = offsets.clone().map(|_| Vec::new()).collect();
                 let mut real = Vec::new();
                 let mut targets = Vec::new();
-                for (b, &r) in chunk.iter().enumerate() {
-                    let (first, words) = runs[r];
+                for (b, &(first, words)) in chunk.iter().enumerate() {
                     for t in 0..len {
-                        rows.push(if t < words {
-                            (first + t) as u32
-                        } else {
-                            n as u32
-                        });
+                        for (slot, o) in slots.iter_mut().zip(offsets.clone()) {
+                            let j = t as isize + o;
+                            slot.push(if t < words && j >= 0 && (j as usize) < words {
+                                (first + j as usize) as u32
+                            } else {
+                                n as u32
+                            });
+                        }
                         if t < words {
                             real.push((b * len + t) as u32);
                             targets.push((first + t) as u32);
                         }
                     }
                 }
-                let rows = Tensor::from_vec(rows, chunk.len() * len, &Device::Cpu)?;
-                let xb = x
-                    .index_select(&rows, 0)?
-                    .reshape((chunk.len(), len, width))?;
+                let parts = slots
+                    .into_iter()
+                    .map(|rows| {
+                        let k = rows.len();
+                        x.index_select(&Tensor::from_vec(rows, k, &Device::Cpu)?, 0)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let xb = Tensor::cat(&parts, 1)?.reshape((chunk.len(), len, width))?;
                 let logits = net
                     .forward(&xb, &lengths, args.dropout)?
                     .reshape((chunk.len() * len, Tag::COUNT))?;
                 let real_n = real.len();
                 let real = Tensor::from_vec(real, real_n, &Device::Cpu)?;
                 let targets = Tensor::from_vec(targets, real_n, &Device::Cpu)?;
-                let loss = candle_nn::loss::cross_entropy(
-                    &logits.index_select(&real, 0)?,
-                    &y.index_select(&targets, 0)?,
-                )?;
+                let log_p = candle_nn::ops::log_softmax(&logits.index_select(&real, 0)?, 1)?;
+                let allowed = masks.index_select(&targets, 0)?;
+                let loss = (log_p + allowed)?.log_sum_exp(1)?.mean_all()?.neg()?;
                 opt.backward_step(&loss)?;
                 total += loss.to_scalar::<f32>()? * real_n as f32;
+                seen += real_n;
+                batches += 1;
+                if batches % 100 == 0 {
+                    eprint!(
+                        "\r{source:?}/{pooling:?} epoch {epoch:>3}: {batches}/{} batches, loss {:.4} ({:.0}s)",
+                        order.len().div_ceil(args.batch_runs.max(1)),
+                        total / seen.max(1) as f32,
+                        started.elapsed().as_secs_f64()
+                    );
+                }
             }
             eprint!(
                 "\r{source:?}/{pooling:?} epoch {epoch:>3}: train loss {:.4} ({:.0}s)",
-                total / n as f32,
+                total / seen.max(1) as f32,
                 started.elapsed().as_secs_f64()
             );
         }
@@ -586,7 +767,11 @@ fn main() -> Result<()> {
         let tensors = head_tensors(&varmap, &scaling)?;
         let head = NerHead::new(scaling, net, args.context, false, &Device::Cpu);
         let [argmax, viterbi_scores] = score_dev(&head, &dev, kind)?;
-        for (viterbi, scores) in [(false, argmax), (true, viterbi_scores)] {
+        let [argmax_lower, viterbi_lower] = score_dev(&head, &dev_lower, kind)?;
+        for (viterbi, scores, scores_lower) in [
+            (false, argmax, argmax_lower),
+            (true, viterbi_scores, viterbi_lower),
+        ] {
             let mean = mean_f1(&scores);
             println!(
                 "{:<28} {:<8} {}  {mean:.3}",
@@ -604,6 +789,7 @@ fn main() -> Result<()> {
                     viterbi,
                     tensors: tensors.clone(),
                     scores,
+                    scores_lower,
                 });
             }
         }
@@ -653,6 +839,7 @@ fn write_head(
         viterbi,
         tensors,
         scores,
+        scores_lower,
     } = best;
     let (source, pooling, context, layers, layers_end) = features;
     println!("\nchosen: {source:?}/{pooling:?}, viterbi {viterbi}, mean dev F1 {mean:.3}");
@@ -660,10 +847,14 @@ fn write_head(
         "{:<5} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8}",
         "lang", "sentences", "PER", "ORG", "LOC", "MISC", "micro_f1"
     );
-    for s in &scores {
+    for (s, lowered) in scores
+        .iter()
+        .map(|s| (s, ""))
+        .chain(scores_lower.iter().map(|s| (s, " (lower-cased)")))
+    {
         let f = |l| s.f1_by_label.get(&l).copied().unwrap_or(0.0);
         println!(
-            "{:<5} {:>9} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>8.3}",
+            "{:<5} {:>9} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>8.3}{lowered}",
             s.lang,
             s.sentences,
             f(EntityLabel::Per),
@@ -696,6 +887,7 @@ fn write_head(
         seed: args.seed,
         epochs: args.epochs,
         dev: scores,
+        dev_lowercased: scores_lower,
     };
     std::fs::write(
         args.out.join(NER_HEAD_CARD),

@@ -73,6 +73,10 @@ pub struct NerCard {
     pub epochs: usize,
     /// Dev scores per language.
     pub dev: Vec<NerDevScore>,
+    /// Dev scores on lower-cased copies of some languages' dev sets (case robustness); not
+    /// used to choose anything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dev_lowercased: Vec<NerDevScore>,
 }
 
 /// Row-major word features `[words, hidden]` → `[words, (2·context + 1)·hidden]`: each word's
