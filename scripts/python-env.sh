@@ -17,7 +17,7 @@ fi
 echo "java: $(java -version 2>&1 | head -n 1)"
 
 python3 -m pip install --quiet --disable-pip-version-check \
-  "maturin==1.9.6" "pyarrow==21.0.0" "pyspark==3.5.7" "pytest==8.3.5" "numpy>=1.21"
+  "maturin==1.9.6" "pyarrow==21.0.0" "pyspark==3.5.7" "pandas==2.2.3" "pytest==8.3.5" "numpy>=1.21"
 # Its own target folder: the wheel's dependencies are built with other features than the
 # crate's tests, and sharing one folder would rebuild them back and forth.
 CARGO_TARGET_DIR="${THEMESCAN_PYTHON_TARGET:-python/target}" \

@@ -36,8 +36,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
 use themescan::entities::{repair_bio, EntityLabel, Tag};
 use themescan::heads::ner::{
-    decode, InputScaling, NerCard, NerDevScore, NerHead, NerNet, NER_HEAD_CARD,
-    NER_HEAD_WEIGHTS,
+    decode, InputScaling, NerCard, NerDevScore, NerHead, NerNet, NER_HEAD_CARD, NER_HEAD_WEIGHTS,
 };
 use themescan::train::conll::{pack_sentences, read_conll, score_entities, ConllSentence};
 use themescan::{CpuPath, Embedder, ModelSource, TokenSource, WordPooling};
@@ -260,7 +259,11 @@ fn encode(embedder: &Embedder, split: &mut Split, cache: &Path, wanted: &[usize]
     eprintln!();
     std::fs::create_dir_all(cache.parent().expect("cache has a parent"))?;
     let mut tensors = HashMap::new();
-    for (k, f) in features.iter().enumerate().filter(|(k, _)| wanted.contains(k)) {
+    for (k, f) in features
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| wanted.contains(k))
+    {
         tensors.insert(
             format!("k{k}"),
             Tensor::from_slice(f, (words, h), &Device::Cpu)?,
@@ -353,7 +356,13 @@ fn language_draws(words: &[usize], alpha: f64) -> Vec<f64> {
     words
         .iter()
         .zip(&tempered)
-        .map(|(&w, &t)| if w == 0 { 0.0 } else { total * t / sum / w as f64 })
+        .map(|(&w, &t)| {
+            if w == 0 {
+                0.0
+            } else {
+                total * t / sum / w as f64
+            }
+        })
         .collect()
 }
 

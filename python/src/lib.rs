@@ -45,9 +45,11 @@ fn to_py(e: themescan::Error) -> PyErr {
     use themescan::Error as E;
     let message = e.to_string();
     match e {
-        E::Io { .. } | E::ModelFolder { .. } | E::ModelFile { .. } | E::Config { .. } | E::Tensor { .. } => {
-            ModelError::new_err(message)
-        }
+        E::Io { .. }
+        | E::ModelFolder { .. }
+        | E::ModelFile { .. }
+        | E::Config { .. }
+        | E::Tensor { .. } => ModelError::new_err(message),
         E::Setting(_) | E::Device { .. } => ConfigError::new_err(message),
         _ => ComputeError::new_err(message),
     }
@@ -137,10 +139,17 @@ impl NativeAnalyzer {
         }
         let ids: Vec<Option<String>> = ids
             .iter()
-            .map(|i| if i.is_none() { None } else { Some(i.str().map_or_else(|_| String::new(), |s| s.to_string())) })
+            .map(|i| {
+                if i.is_none() {
+                    None
+                } else {
+                    Some(i.str().map_or_else(|_| String::new(), |s| s.to_string()))
+                }
+            })
             .collect();
         // Per input: the text to analyse with its warning, or why there is none.
-        let mut inputs: Vec<Result<(String, Option<String>), String>> = Vec::with_capacity(texts.len());
+        let mut inputs: Vec<Result<(String, Option<String>), String>> =
+            Vec::with_capacity(texts.len());
         for t in &texts {
             inputs.push(if t.is_none() {
                 Err("no text (None)".to_string())
@@ -153,7 +162,10 @@ impl NativeAnalyzer {
             } else if t.is_instance_of::<pyo3::types::PyString>() {
                 Err("the text is not valid Unicode (lone surrogates)".to_string())
             } else {
-                let kind = t.get_type().name().map_or_else(|_| "?".to_string(), |n| n.to_string());
+                let kind = t
+                    .get_type()
+                    .name()
+                    .map_or_else(|_| "?".to_string(), |n| n.to_string());
                 Err(format!("`text` must be a string, found {kind}"))
             });
         }
@@ -171,13 +183,14 @@ impl NativeAnalyzer {
             let articles: Vec<Article> = good.iter().map(|(_, a)| a.clone()).collect();
             // One call packs every window into shared encoder batches; should it fail, each
             // article is analysed alone so that one bad record costs only its own row.
-            let results: Vec<Result<themescan::Analysis, String>> = match analyzer.analyze_many(&articles) {
-                Ok(all) => all.into_iter().map(Ok).collect(),
-                Err(_) => articles
-                    .iter()
-                    .map(|a| analyzer.analyze(a).map_err(|e| e.to_string()))
-                    .collect(),
-            };
+            let results: Vec<Result<themescan::Analysis, String>> =
+                match analyzer.analyze_many(&articles) {
+                    Ok(all) => all.into_iter().map(Ok).collect(),
+                    Err(_) => articles
+                        .iter()
+                        .map(|a| analyzer.analyze(a).map_err(|e| e.to_string()))
+                        .collect(),
+                };
             let mut rows = vec![String::new(); inputs.len()];
             for ((i, _), result) in good.iter().zip(results) {
                 let warning = inputs[*i].as_ref().ok().and_then(|(_, w)| w.as_deref());
@@ -270,7 +283,11 @@ impl NativeEmbedder {
 
     /// Row-major little-endian float32 bytes of the `len(texts) × hidden` embeddings, and the
     /// hidden size; the Python side views them as a NumPy array without copying.
-    fn embed_bytes<'py>(&self, py: Python<'py>, texts: Vec<String>) -> PyResult<(Bound<'py, PyBytes>, usize)> {
+    fn embed_bytes<'py>(
+        &self,
+        py: Python<'py>,
+        texts: Vec<String>,
+    ) -> PyResult<(Bound<'py, PyBytes>, usize)> {
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let inner = &self.inner;
         let array = py.detach(|| inner.embed(&refs)).map_err(to_py)?;

@@ -113,19 +113,18 @@ class Cluster:
             return False
 
     def executors(self):
-        """PIDs of executor JVMs, by worker index."""
+        """PIDs of executor JVMs, by worker index (from /proc: `ps` would cut the long
+        command lines)."""
         out = {}
-        ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-        for line in ps.splitlines():
-            if "CoarseGrainedExecutorBackend" not in line:
+        for pid, args in processes():
+            if "CoarseGrainedExecutorBackend" not in args:
                 continue
-            pid = int(line.split(None, 1)[0])
             try:
-                cwd = os.readlink(f"/proc/{pid}/cwd")
+                cwd = os.path.realpath(f"/proc/{pid}/cwd")
             except OSError:
                 continue
             for k, d in enumerate(self.worker_dirs):
-                if cwd.startswith(str(d)):
+                if cwd.startswith(os.path.realpath(d)):
                     out.setdefault(k, []).append(pid)
         return out
 
@@ -165,7 +164,12 @@ def spark(tmp_path_factory):
         .getOrCreate()
     )
     session.sparkContext.setLogLevel("ERROR")
-    wait_for(lambda: len(session.sparkContext._jsc.sc().getExecutorMemoryStatus()) >= 3, 120, "two executors")
+    # The driver counts itself among the block managers: three means both executors are up.
+    wait_for(
+        lambda: session.sparkContext._jsc.sc().getExecutorMemoryStatus().size() >= 3,
+        120,
+        "two executors",
+    )
     yield session, cluster
     session.stop()
     cluster.stop()
@@ -173,12 +177,12 @@ def spark(tmp_path_factory):
 
 def records_with_bad_ones(n=5000, bad_share=0.05, seed=7):
     """`n` records, `bad_share` of them bad: null, empty or all-whitespace texts, and three
-    huge ones (about 150 kB, analysed in segments: not errors, but partitions that take far
+    huge ones (about 100 kB, analysed in segments: not errors, but partitions that take far
     longer than the rest)."""
     rng = random.Random(seed)
-    texts = project_texts(n, max_chars=500)
+    texts = project_texts(n, max_chars=300)
     bad = sorted(rng.sample(range(n), int(n * bad_share)))
-    huge = " ".join(project_texts(60, max_chars=2_500))
+    huge = " ".join(project_texts(40, max_chars=2_500))
     kinds = {i: [None, "", "  \n\t "][k % 3] for k, i in enumerate(bad)}
     for i in bad[:3]:
         kinds[i] = huge
@@ -232,11 +236,11 @@ def test_a_killed_executor_loses_and_duplicates_nothing(spark, tmp_path):
     session, cluster = spark
     import themescan.spark
 
-    n = 1200
-    texts = project_texts(n, max_chars=900)
+    n = 800
+    texts = project_texts(n, max_chars=600)
     src = tmp_path / "in.parquet"
     pq.write_table(pa.table({"id": [f"k{i:05d}" for i in range(n)], "text": texts}), src)
-    df = session.read.parquet(str(src)).repartition(12)
+    df = session.read.parquet(str(src)).repartition(8)
     out_path = tmp_path / "out.parquet"
     killed = []
 
@@ -262,11 +266,30 @@ def test_a_killed_executor_loses_and_duplicates_nothing(spark, tmp_path):
     assert set(ids) == {f"k{i:05d}" for i in range(n)}
 
 
+def processes():
+    """(pid, command line) of every process."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        yield int(entry), args
+
+
 def _has_python_children(pid):
-    ps = subprocess.run(["ps", "-eo", "ppid,args"], capture_output=True, text=True).stdout
-    return any(
-        line.split(None, 1)[0] == str(pid) and "python" in line for line in ps.splitlines()[1:]
-    )
+    """Whether `pid` has a Python child (PySpark's worker daemon)."""
+    for child, args in processes():
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and "python" in args:
+            return True
+    return False
 
 
 def test_binary_text_column_with_invalid_utf8_gives_error_rows(spark, tmp_path):
