@@ -757,7 +757,7 @@ fn main() -> Result<()> {
                 total += loss.to_scalar::<f32>()? * real_n as f32;
                 seen += real_n;
                 batches += 1;
-                if batches % 100 == 0 {
+                if batches.is_multiple_of(100) {
                     eprint!(
                         "\r{source:?}/{pooling:?} epoch {epoch:>3}: {batches}/{} batches, loss {:.4} ({:.0}s)",
                         order.len().div_ceil(args.batch_runs.max(1)),

@@ -56,6 +56,14 @@ class Cluster:
         self.url = f"spark://127.0.0.1:{self.port}"
         self.procs = []
         self.worker_dirs = []
+        try:
+            self._start(workers)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, workers):
+        root = self.root
         self.procs.append(
             self._launch(
                 "master",
@@ -147,32 +155,36 @@ def spark(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("spark")
     cluster = Cluster(root)
-    os.environ.update(
-        SPARK_LOCAL_IP="127.0.0.1",
-        PYSPARK_PYTHON=sys.executable,
-        PYSPARK_DRIVER_PYTHON=sys.executable,
-    )
-    session = (
-        SparkSession.builder.master(cluster.url)
-        .appName("themescan-tests")
-        .config("spark.driver.host", "127.0.0.1")
-        .config("spark.executor.cores", "1")
-        .config("spark.executor.memory", "1500m")
-        .config("spark.task.maxFailures", "4")
-        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
-        .config("spark.ui.enabled", "false")
-        .getOrCreate()
-    )
-    session.sparkContext.setLogLevel("ERROR")
-    # The driver counts itself among the block managers: three means both executors are up.
-    wait_for(
-        lambda: session.sparkContext._jsc.sc().getExecutorMemoryStatus().size() >= 3,
-        120,
-        "two executors",
-    )
-    yield session, cluster
-    session.stop()
-    cluster.stop()
+    session = None
+    try:
+        os.environ.update(
+            SPARK_LOCAL_IP="127.0.0.1",
+            PYSPARK_PYTHON=sys.executable,
+            PYSPARK_DRIVER_PYTHON=sys.executable,
+        )
+        session = (
+            SparkSession.builder.master(cluster.url)
+            .appName("themescan-tests")
+            .config("spark.driver.host", "127.0.0.1")
+            .config("spark.executor.cores", "1")
+            .config("spark.executor.memory", "1500m")
+            .config("spark.task.maxFailures", "4")
+            .config("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
+            .config("spark.ui.enabled", "false")
+            .getOrCreate()
+        )
+        session.sparkContext.setLogLevel("ERROR")
+        # The driver counts itself among the block managers: three means both executors are up.
+        wait_for(
+            lambda: session.sparkContext._jsc.sc().getExecutorMemoryStatus().size() >= 3,
+            120,
+            "two executors",
+        )
+        yield session, cluster
+    finally:
+        if session is not None:
+            session.stop()
+        cluster.stop()
 
 
 def records_with_bad_ones(n=5000, bad_share=0.05, seed=7):
