@@ -117,3 +117,15 @@ def test_a_wrong_model_folder_is_a_model_error_naming_it(tmp_path):
 def test_an_unknown_cpu_path_is_a_config_error():
     with pytest.raises(themescan.ConfigError):
         themescan.Analyzer(cpu_path="fastest")
+
+
+def test_the_readme_python_example_runs(capsys):
+    import re
+
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "['takedown']" in printed and "(2, 384) float32" in printed
