@@ -38,7 +38,8 @@ def project_texts(n, max_chars=600):
 
 def classify_tool():
     """The crate's `classify` example, built by `cargo build --release --examples`."""
-    path = Path(os.environ.get("THEMESCAN_CLASSIFY", REPO / "target" / "release" / "examples" / "classify"))
+    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
+    path = Path(os.environ.get("THEMESCAN_CLASSIFY", target / "release" / "examples" / "classify"))
     if not path.exists():
         pytest.fail(f"{path} not found: run `cargo build --release --examples` first")
     return path
