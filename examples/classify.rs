@@ -27,12 +27,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use serde::Serialize;
-use themescan::entities::Entity;
-use themescan::records::{self, InputRecord, JsonlRecords};
-use themescan::{
-    Analysis, Analyzer, Article, Evidence, ModelSource, PreparedArticles, Theme, ThemeScore,
-};
+use themescan::records::{self, InputRecord, JsonlRecords, OutputRow};
+use themescan::{Analysis, Analyzer, Article, ModelSource, PreparedArticles, Theme};
 
 #[derive(Parser)]
 #[command(about = "Find extremism-related themes and named entities in articles")]
@@ -76,16 +72,6 @@ struct Args {
     /// No progress and no summary on stderr.
     #[arg(long)]
     quiet: bool,
-}
-
-#[derive(Serialize)]
-struct OutputLine<'a> {
-    id: Option<&'a str>,
-    themes: &'a [ThemeScore],
-    labels: &'a [Theme],
-    evidence: &'a [Evidence],
-    entities: &'a [Entity],
-    error: Option<&'a str>,
 }
 
 /// A chunk of records on its way from the reader thread to the encoder.
@@ -376,7 +362,7 @@ struct LineWriter {
 }
 
 impl LineWriter {
-    fn write(&mut self, line: &OutputLine<'_>) -> anyhow::Result<()> {
+    fn write(&mut self, line: &OutputRow<'_>) -> anyhow::Result<()> {
         self.buf.clear();
         serde_json::to_writer(&mut self.buf, line)?;
         self.buf.push(b'\n');
@@ -476,7 +462,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
                     tokens = a.tokens;
                     a.labels.iter().for_each(|t| per_theme[t.index()] += 1);
                     failed += usize::from(record.warning.is_some());
-                    writer.write(&OutputLine {
+                    writer.write(&OutputRow {
                         id: Some(&a.id),
                         themes: &a.themes,
                         labels: &a.labels,
@@ -487,14 +473,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 }
                 Err(e) => {
                     failed += 1;
-                    writer.write(&OutputLine {
-                        id: record.id.as_deref(),
-                        themes: &[],
-                        labels: &[],
-                        evidence: &[],
-                        entities: &[],
-                        error: Some(e),
-                    })?;
+                    writer.write(&OutputRow::failed(record.id.as_deref(), e))?;
                 }
             }
             progress.add(record.bytes, tokens);

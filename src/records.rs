@@ -111,6 +111,39 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
+/// One output line of batch classification (`classify`, the Python package): an article's
+/// results, or empty results and the reason in `error`. Serialised with serde, so every tool
+/// writes the same fields in the same order.
+#[derive(Debug, serde::Serialize)]
+pub struct OutputRow<'a> {
+    /// The record's id, if it had one.
+    pub id: Option<&'a str>,
+    /// Every theme with its score.
+    pub themes: &'a [crate::ThemeScore],
+    /// Themes over their threshold.
+    pub labels: &'a [crate::Theme],
+    /// Sentences that carry each label.
+    pub evidence: &'a [crate::Evidence],
+    /// Named-entity mentions.
+    pub entities: &'a [crate::entities::Entity],
+    /// Why the record has no results, or a warning about it.
+    pub error: Option<&'a str>,
+}
+
+impl<'a> OutputRow<'a> {
+    /// A row with no results and `error` set.
+    pub fn failed(id: Option<&'a str>, error: &'a str) -> Self {
+        OutputRow {
+            id,
+            themes: &[],
+            labels: &[],
+            evidence: &[],
+            entities: &[],
+            error: Some(error),
+        }
+    }
+}
+
 /// NUL bytes are read as spaces (same length, so offsets still point into the original text);
 /// the record keeps a warning saying so.
 pub fn replace_nuls(text: String) -> (String, Option<String>) {

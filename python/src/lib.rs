@@ -3,7 +3,7 @@
 //! The Python package (`python/themescan/`) wraps these classes; this layer only converts
 //! arguments, releases the GIL around the encoder, and turns crate errors into exceptions.
 //! An analysis comes back as the JSON text of a `classify` output line, which the Python side
-//! parses: one format, produced by the same `serde` code as the command-line tool's.
+//! parses: one format, the crate's `records::OutputRow`, as the command-line tool writes it.
 
 use std::path::PathBuf;
 
@@ -11,9 +11,8 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use serde::Serialize;
-use themescan::entities::Entity;
-use themescan::{Analyzer, Article, CpuPath, Embedder, Evidence, ModelSource, Theme, ThemeScore};
+use themescan::records::OutputRow;
+use themescan::{Analyzer, Article, CpuPath, Embedder, ModelSource};
 
 create_exception!(
     _native,
@@ -55,27 +54,8 @@ fn to_py(e: themescan::Error) -> PyErr {
     }
 }
 
-/// One output row: the fields of a `classify` output line.
-#[derive(Serialize)]
-struct Row<'a> {
-    id: Option<&'a str>,
-    themes: &'a [ThemeScore],
-    labels: &'a [Theme],
-    evidence: &'a [Evidence],
-    entities: &'a [Entity],
-    error: Option<&'a str>,
-}
-
 fn error_row(id: Option<&str>, error: &str) -> String {
-    serde_json::to_string(&Row {
-        id,
-        themes: &[],
-        labels: &[],
-        evidence: &[],
-        entities: &[],
-        error: Some(error),
-    })
-    .expect("a row serialises")
+    serde_json::to_string(&OutputRow::failed(id, error)).expect("a row serialises")
 }
 
 fn model_source(model: Option<PathBuf>) -> ModelSource {
@@ -195,7 +175,7 @@ impl NativeAnalyzer {
             for ((i, _), result) in good.iter().zip(results) {
                 let warning = inputs[*i].as_ref().ok().and_then(|(_, w)| w.as_deref());
                 rows[*i] = match result {
-                    Ok(a) => serde_json::to_string(&Row {
+                    Ok(a) => serde_json::to_string(&OutputRow {
                         id: ids[*i].as_deref(),
                         themes: &a.themes,
                         labels: &a.labels,
