@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use themescan::records::{self, InputRecord, JsonlRecords, OutputRow};
-use themescan::{Analysis, Analyzer, Article, ModelSource, PreparedArticles, Theme};
+use themescan::{Analysis, Analyzer, Article, ModelSource, PreparedArticles};
 
 #[derive(Parser)]
 #[command(about = "Find extremism-related themes and named entities in articles")]
@@ -45,9 +45,11 @@ struct Args {
     /// Encoder model folder (default: models/multilingual-e5-small).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Heads folder (default: models/heads).
+    /// Heads folder; repeat it to add theme sets (`--heads models/heads --heads my-set`).
+    /// Default: models/heads. Given at least once, only the named folders are used; entities
+    /// come from the first folder that holds an NER head.
     #[arg(long)]
-    heads: Option<PathBuf>,
+    heads: Vec<PathBuf>,
     /// Encoder threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -380,8 +382,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
         )
         .device(themescan::device::select_device(&args.device)?)
         .embedder(|e| e.cpu_path(args.cpu_path));
-    if let Some(h) = &args.heads {
-        builder = builder.heads(h);
+    if let Some((main, sets)) = args.heads.split_first() {
+        builder = builder.heads(main);
+        for set in sets {
+            builder = builder.theme_set(set);
+        }
     }
     if let Some(t) = args.threads {
         builder = builder.threads(t);
@@ -444,7 +449,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         args.chunk,
         args.chunk_bytes,
     );
-    let mut per_theme = [0usize; 4];
+    let mut per_theme = vec![0usize; analyzer.themes().len()];
     let mut records = 0usize;
     for chunk in chunks {
         let (inputs, results) = analyze_chunk(&analyzer, chunk?);
@@ -460,7 +465,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
             match &result {
                 Ok(a) => {
                     tokens = a.tokens;
-                    a.labels.iter().for_each(|t| per_theme[t.index()] += 1);
+                    for label in &a.labels {
+                        if let Some(k) = analyzer.themes().iter().position(|t| t == label) {
+                            per_theme[k] += 1;
+                        }
+                    }
                     failed += usize::from(record.warning.is_some());
                     writer.write(&OutputRow {
                         id: Some(&a.id),
@@ -487,9 +496,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
     progress.finish();
     if !args.quiet {
         let secs = progress.started.elapsed().as_secs_f64().max(1e-9);
-        let themes: Vec<String> = Theme::ALL
+        let themes: Vec<String> = analyzer
+            .themes()
             .iter()
-            .map(|t| format!("{t} {}", per_theme[t.index()]))
+            .zip(&per_theme)
+            .map(|(t, n)| format!("{t} {n}"))
             .collect();
         eprintln!(
             "classify: {} records ({records} this run, {resumed} resumed), {failed} with errors; \

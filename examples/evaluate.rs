@@ -29,7 +29,7 @@ use themescan::train::{
     expected_calibration_error, is_dev_story, macro_f1, read_theme_examples, theme_metrics,
     ThemeExample,
 };
-use themescan::{Analyzer, Article, CpuPath, ModelSource, Theme};
+use themescan::{Analyzer, Article, CpuPath, ModelSource};
 
 #[derive(Parser)]
 #[command(about = "Evaluate themescan against labelled data")]
@@ -58,9 +58,11 @@ enum Command {
         /// Encoder model folder (default: models/multilingual-e5-small).
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Heads folder (default: models/heads).
+        /// Heads folder; repeat it to score several theme sets together (default:
+        /// models/heads). Every theme of the folders is scored; gold labels of other themes
+        /// are ignored (and counted).
         #[arg(long)]
-        heads: Option<PathBuf>,
+        heads: Vec<PathBuf>,
         /// Encoder threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
@@ -115,15 +117,18 @@ fn read_examples(input: &Path) -> Result<Vec<ThemeExample>> {
 
 fn analyzer(
     model: Option<PathBuf>,
-    heads: Option<PathBuf>,
+    heads: &[PathBuf],
     threads: Option<usize>,
     cpu_path: CpuPath,
 ) -> Result<Analyzer> {
     let mut builder = Analyzer::builder()
         .model(model.map_or(ModelSource::Default, ModelSource::Folder))
         .embedder(|e| e.cpu_path(cpu_path));
-    if let Some(h) = heads {
-        builder = builder.heads(h);
+    if let Some((main, sets)) = heads.split_first() {
+        builder = builder.heads(main);
+        for set in sets {
+            builder = builder.theme_set(set);
+        }
     }
     if let Some(t) = threads {
         builder = builder.threads(t);
@@ -153,10 +158,23 @@ fn main() -> Result<()> {
             if examples.is_empty() {
                 bail!("no labelled examples in {}", input.display());
             }
-            let analyzer = analyzer(model, heads, threads, cpu_path)?;
+            let analyzer = analyzer(model, &heads, threads, cpu_path)?;
+            let themes = analyzer.themes().to_vec();
+            let other: std::collections::BTreeSet<&str> = examples
+                .iter()
+                .flat_map(|e| &e.labels)
+                .filter(|l| !themes.contains(l))
+                .map(|l| l.as_str())
+                .collect();
+            if !other.is_empty() {
+                eprintln!(
+                    "evaluate: gold labels that no loaded head scores are ignored: {}",
+                    other.into_iter().collect::<Vec<_>>().join(", ")
+                );
+            }
             let started = std::time::Instant::now();
-            let mut predicted: Vec<[bool; 4]> = Vec::with_capacity(examples.len());
-            let mut scores: Vec<[f32; 4]> = Vec::with_capacity(examples.len());
+            let mut predicted: Vec<Vec<bool>> = Vec::with_capacity(examples.len());
+            let mut scores: Vec<Vec<f32>> = Vec::with_capacity(examples.len());
             let mut out = match &predictions {
                 Some(p) => Some(std::io::BufWriter::new(
                     std::fs::File::create(p)
@@ -168,31 +186,27 @@ fn main() -> Result<()> {
                 let articles: Vec<Article> =
                     chunk.iter().map(|e| Article::new(&e.id, &e.text)).collect();
                 for (e, a) in chunk.iter().zip(analyzer.analyze_many(&articles)?) {
-                    predicted.push(std::array::from_fn(|k| a.labels.contains(&Theme::ALL[k])));
-                    let s: [f32; 4] = std::array::from_fn(|k| {
-                        a.themes
-                            .iter()
-                            .find(|t| t.theme == Theme::ALL[k])
-                            .map_or(0.0, |t| t.score)
-                    });
-                    scores.push(s);
+                    predicted.push(themes.iter().map(|t| a.labels.contains(t)).collect());
+                    // `themes` follows the analyzer's order, as `a.themes` does.
+                    let s: Vec<f32> = a.themes.iter().map(|t| t.score).collect();
                     if let Some(out) = &mut out {
                         let line = serde_json::json!({
                             "id": e.id, "lang": e.lang, "kind": e.kind,
                             "gold": e.labels, "predicted": a.labels,
-                            "scores": Theme::ALL.iter().zip(s).map(|(t, v)| (t.as_str(), v))
+                            "scores": themes.iter().zip(&s).map(|(t, v)| (t.as_str(), v))
                                 .collect::<BTreeMap<_, _>>(),
                         });
                         writeln!(out, "{line}")?;
                     }
+                    scores.push(s);
                 }
             }
             if let Some(mut out) = out {
                 out.flush()?;
             }
             let secs = started.elapsed().as_secs_f64();
-            let gold: Vec<[bool; 4]> = examples.iter().map(|e| e.flags()).collect();
-            let metrics = theme_metrics(&gold, &predicted);
+            let gold: Vec<Vec<bool>> = examples.iter().map(|e| e.flags(&themes)).collect();
+            let metrics = theme_metrics(&themes, &gold, &predicted);
             println!(
                 "{} articles, {:.2} articles/s",
                 examples.len(),
@@ -219,20 +233,20 @@ fn main() -> Result<()> {
                 }
             }
             for (lang, rows) in &by_lang {
-                let g: Vec<_> = rows.iter().map(|&r| gold[r]).collect();
-                let p: Vec<_> = rows.iter().map(|&r| predicted[r]).collect();
+                let g: Vec<_> = rows.iter().map(|&r| gold[r].clone()).collect();
+                let p: Vec<_> = rows.iter().map(|&r| predicted[r].clone()).collect();
                 println!(
                     "macro_f1[{lang}] {:.4} ({} articles)",
-                    macro_f1(&theme_metrics(&g, &p)),
+                    macro_f1(&theme_metrics(&themes, &g, &p)),
                     rows.len()
                 );
             }
             let negatives: Vec<usize> = (0..examples.len())
-                .filter(|&i| gold[i] == [false; 4])
+                .filter(|&i| gold[i].iter().all(|g| !g))
                 .collect();
             let labelled = negatives
                 .iter()
-                .filter(|&&i| predicted[i] != [false; 4])
+                .filter(|&&i| predicted[i].iter().any(|&p| p))
                 .count();
             let near: Vec<usize> = negatives
                 .iter()
@@ -242,7 +256,9 @@ fn main() -> Result<()> {
             println!(
                 "negatives given a label: {labelled} of {} ({} of {} near misses)",
                 negatives.len(),
-                near.iter().filter(|&&i| predicted[i] != [false; 4]).count(),
+                near.iter()
+                    .filter(|&&i| predicted[i].iter().any(|&p| p))
+                    .count(),
                 near.len()
             );
             let flat_scores: Vec<f32> = scores.iter().flatten().copied().collect();
@@ -263,7 +279,7 @@ fn main() -> Result<()> {
             cpu_path,
         } => {
             let sentences = read_conll(&conll)?;
-            let analyzer = analyzer(model, heads, threads, cpu_path)?;
+            let analyzer = analyzer(model, heads.as_slice(), threads, cpu_path)?;
             if analyzer.ner_card().is_none() {
                 bail!("the heads folder has no NER head (ner.json, ner.safetensors)");
             }

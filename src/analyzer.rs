@@ -11,7 +11,7 @@
 //! scores it alone, and the best sentences of each reported theme are returned.
 
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 
@@ -56,7 +56,7 @@ impl Article {
 pub struct Analysis {
     /// The article's id.
     pub id: String,
-    /// All four themes with their scores, in [`Theme::ALL`] order.
+    /// Every theme of every theme set loaded, with its score, in [`Analyzer::themes`] order.
     pub themes: Vec<ThemeScore>,
     /// The themes whose score reaches the head's tuned threshold.
     pub labels: Vec<Theme>,
@@ -78,6 +78,7 @@ pub struct Analysis {
 pub struct AnalyzerBuilder {
     embedder: EmbedderBuilder,
     heads: Option<PathBuf>,
+    theme_sets: Vec<PathBuf>,
     evidence_per_theme: usize,
     segment_bytes: usize,
 }
@@ -90,6 +91,7 @@ impl Default for AnalyzerBuilder {
         AnalyzerBuilder {
             embedder: Embedder::builder(),
             heads: None,
+            theme_sets: Vec::new(),
             evidence_per_theme: 3,
             segment_bytes: DEFAULT_SEGMENT_BYTES,
         }
@@ -127,10 +129,31 @@ impl AnalyzerBuilder {
         self
     }
 
-    /// Folder with `themes.safetensors` and `themes.json`. Default: `models/heads/` of this
-    /// crate's source tree (trained heads are committed there).
+    /// The main heads folder: `themes.safetensors` and `themes.json`, and the NER head
+    /// (`ner.*`) if it has one. Default: `models/heads/` of this crate's source tree (the
+    /// built-in four themes and NER, committed there).
     pub fn heads(mut self, folder: impl Into<PathBuf>) -> Self {
         self.heads = Some(folder.into());
+        self
+    }
+
+    /// Adds a theme set: a heads folder made by `train_themes --theme-set FILE --out DIR`
+    /// (or any other theme head). Repeatable; its themes follow those of [`Self::heads`] in
+    /// [`Analysis::themes`], and the encoder still runs once per window for all of them.
+    /// Theme names must be unique across the folders. Entities come from the first folder,
+    /// main folder first, that holds an NER head.
+    ///
+    /// ```no_run
+    /// # fn main() -> themescan::Result<()> {
+    /// let analyzer = themescan::Analyzer::builder()
+    ///     .theme_set("my-sets/security-extra")
+    ///     .build()?;
+    /// let names: Vec<&str> = analyzer.themes().iter().map(|t| t.as_str()).collect();
+    /// println!("{names:?}"); // the built-in four, then the set's own
+    /// # Ok(()) }
+    /// ```
+    pub fn theme_set(mut self, folder: impl Into<PathBuf>) -> Self {
+        self.theme_sets.push(folder.into());
         self
     }
 
@@ -155,67 +178,120 @@ impl AnalyzerBuilder {
     /// As [`EmbedderBuilder::build`]; [`crate::Error::ModelFolder`] if the heads are missing;
     /// [`crate::Error::Setting`] if the head was trained for another hidden size.
     pub fn build(self) -> Result<Analyzer> {
-        let folder = self.heads.unwrap_or_else(default_heads_folder);
+        let main = self.heads.unwrap_or_else(default_heads_folder);
         let device = Device::Cpu;
-        let (theme_head, card) = ThemeHead::from_folder(&folder, &device)?;
-        let ner = if folder.join(NER_HEAD_CARD).is_file() {
-            Some(NerHead::from_folder(&folder, &device)?)
-        } else {
-            None
+        let folders: Vec<PathBuf> = std::iter::once(main)
+            .chain(self.theme_sets.iter().cloned())
+            .collect();
+        let mut sets: Vec<ThemeSet> = Vec::with_capacity(folders.len());
+        let mut themes: Vec<Theme> = Vec::new();
+        for folder in &folders {
+            let (head, card) = ThemeHead::from_folder(folder, &device)?;
+            for theme in &card.labels {
+                if let Some(other) = sets.iter().find(|s| s.card.labels.contains(theme)) {
+                    return Err(crate::Error::Setting(format!(
+                        "the theme `{theme}` is in two heads folders, {} and {}: theme names \
+                         must be unique across the folders loaded",
+                        other.folder.display(),
+                        folder.display()
+                    )));
+                }
+            }
+            themes.extend(card.labels.iter().cloned());
+            sets.push(ThemeSet {
+                folder: folder.clone(),
+                head,
+                card,
+            });
+        }
+        let ner = match folders.iter().find(|f| f.join(NER_HEAD_CARD).is_file()) {
+            Some(folder) => Some((folder.clone(), NerHead::from_folder(folder, &device)?)),
+            None => None,
         };
         let mut embedder = self.embedder;
-        // Both heads must have been trained on the encoder the folder makes.
-        let layers_sha = crate::heads::encoder_layers_sha256(&folder)?;
-        let mut trained_on = vec![("theme", card.encoder_layers_sha256.clone())];
-        if let Some((_, ner_card)) = &ner {
-            trained_on.push(("NER", ner_card.encoder_layers_sha256.clone()));
+        // Every head must have been trained on the encoder the folders make: the fine-tuned
+        // layers of the first folder that has them, or the encoder as shipped.
+        let mut layers = None;
+        for folder in &folders {
+            if let Some(sha) = crate::heads::encoder_layers_sha256(folder)? {
+                layers = Some((folder.join(crate::heads::ENCODER_LAYERS), sha));
+                break;
+            }
         }
-        for (head, sha) in trained_on {
+        let layers_sha = layers.as_ref().map(|(_, sha)| sha.clone());
+        let mut trained_on: Vec<(String, &Path, Option<String>)> = sets
+            .iter()
+            .map(|s| {
+                (
+                    "theme".to_string(),
+                    s.folder.as_path(),
+                    s.card.encoder_layers_sha256.clone(),
+                )
+            })
+            .collect();
+        if let Some((folder, (_, ner_card))) = &ner {
+            trained_on.push((
+                "NER".to_string(),
+                folder.as_path(),
+                ner_card.encoder_layers_sha256.clone(),
+            ));
+        }
+        for (head, folder, sha) in trained_on {
             if sha != layers_sha {
                 let describe = |s: &Option<String>| match s {
                     Some(s) => format!("fine-tuned layers with sha256 {}", &s[..s.len().min(16)]),
                     None => "the frozen encoder (no fine-tuned layers)".to_string(),
                 };
                 return Err(crate::Error::ModelFolder {
-                    path: folder.clone(),
+                    path: folder.to_path_buf(),
                     message: format!(
-                        "the {head} head was trained on {}, but the folder holds {}: retrain it \
-                         (`train_themes` after `train_ner`)",
+                        "the {head} head was trained on {}, but the folders loaded make {}: \
+                         retrain it (`train_themes` after `train_ner`)",
                         describe(&sha),
                         describe(&layers_sha)
                     ),
                 });
             }
         }
-        if layers_sha.is_some() {
-            embedder = embedder.replace_tensors(folder.join(crate::heads::ENCODER_LAYERS));
+        if let Some((file, _)) = &layers {
+            embedder = embedder.replace_tensors(file);
         }
-        // One layer mean per pass serves both heads: they must agree on it.
+        // One layer mean per pass serves every head: they must agree on it.
+        // (count, last) of the first head that reads a layer mean, its folder and kind.
+        type LayerMeanOf<'a> = ((usize, Option<usize>), &'a Path, &'a str);
+        let mut layer_mean: Option<LayerMeanOf> = None;
         let ner_layer_mean = ner
             .as_ref()
-            .map(|(_, c)| c)
-            .filter(|c| c.token_source == TokenSource::LayerMean)
-            .map(|c| (c.layers, c.layers_end));
-        if let (Some(n), Some(t)) = (ner_layer_mean, card.layer_mean) {
-            if n != t {
-                return Err(crate::Error::ModelFolder {
-                    path: folder.clone(),
-                    message: format!(
-                        "the theme head pools the mean of layers {t:?} (count, last) but the NER \
-                         head reads {n:?}; the encoder makes one layer mean per pass: retrain \
-                         the theme head (`train_themes`)"
-                    ),
-                });
+            .filter(|(_, (_, c))| c.token_source == TokenSource::LayerMean)
+            .map(|(f, (_, c))| ((c.layers, c.layers_end), f.as_path(), "NER"));
+        let set_layer_means = sets
+            .iter()
+            .filter_map(|s| s.card.layer_mean.map(|m| (m, s.folder.as_path(), "theme")));
+        for (mean, folder, head) in ner_layer_mean.into_iter().chain(set_layer_means) {
+            match layer_mean {
+                None => layer_mean = Some((mean, folder, head)),
+                Some((first, first_folder, first_head)) if first != mean => {
+                    return Err(crate::Error::ModelFolder {
+                        path: folder.to_path_buf(),
+                        message: format!(
+                            "its {head} head pools the mean of layers {mean:?} (count, last) \
+                             but the {first_head} head in {} reads {first:?}; the encoder makes \
+                             one layer mean per pass: retrain the theme head (`train_themes`)",
+                            first_folder.display()
+                        ),
+                    });
+                }
+                Some(_) => {}
             }
         }
-        if let Some((layers, end)) = ner_layer_mean.or(card.layer_mean) {
-            embedder = embedder.layer_mean(layers);
+        if let Some(((count, end), _, _)) = layer_mean {
+            embedder = embedder.layer_mean(count);
             if let Some(end) = end {
                 embedder = embedder.layer_mean_ending_at(end);
             }
         }
         let embedder = embedder.build()?;
-        if let Some((head, _)) = &ner {
+        if let Some((folder, (head, _))) = &ner {
             if head.word_width() != embedder.hidden_size() {
                 return Err(crate::Error::Setting(format!(
                     "the NER head in {} reads word states of width {}, but the encoder's are {}",
@@ -225,22 +301,23 @@ impl AnalyzerBuilder {
                 )));
             }
         }
-        if card.input_size != card.pooling.output_size(embedder.hidden_size()) {
-            return Err(crate::Error::Setting(format!(
-                "the theme head in {} takes vectors of {} but {:?} pooling of the encoder's {} gives {}",
-                folder.display(),
-                card.input_size,
-                card.pooling,
-                embedder.hidden_size(),
-                card.pooling.output_size(embedder.hidden_size())
-            )));
+        for ThemeSet { folder, card, .. } in &sets {
+            if card.input_size != card.pooling.output_size(embedder.hidden_size()) {
+                return Err(crate::Error::Setting(format!(
+                    "the theme head in {} takes vectors of {} but {:?} pooling of the encoder's {} gives {}",
+                    folder.display(),
+                    card.input_size,
+                    card.pooling,
+                    embedder.hidden_size(),
+                    card.pooling.output_size(embedder.hidden_size())
+                )));
+            }
         }
         Ok(Analyzer {
             embedder,
-            theme_head,
-            card,
-            ner,
-            head_device: device,
+            sets,
+            themes,
+            ner: ner.map(|(_, head)| head),
             evidence_per_theme: self.evidence_per_theme,
             segment_bytes: self.segment_bytes.max(1024),
         })
@@ -271,10 +348,11 @@ pub fn default_heads_folder() -> PathBuf {
 #[derive(Debug, Clone)]
 pub struct Analyzer {
     embedder: Embedder,
-    theme_head: ThemeHead,
-    card: ThemeCard,
+    /// The main folder's theme head, then each added theme set's.
+    sets: Vec<ThemeSet>,
+    /// Every set's themes, in set order: the order of [`Analysis::themes`].
+    themes: Vec<Theme>,
     ner: Option<(NerHead, NerCard)>,
-    head_device: Device,
     evidence_per_theme: usize,
     segment_bytes: usize,
 }
@@ -290,9 +368,27 @@ impl Analyzer {
         &self.embedder
     }
 
-    /// The theme head's card (thresholds, training data, dev metrics).
+    /// The main folder's theme card (thresholds, training data, dev metrics).
     pub fn theme_card(&self) -> &ThemeCard {
-        &self.card
+        &self.sets[0].card
+    }
+
+    /// Every theme set's card, main folder first.
+    pub fn theme_cards(&self) -> impl Iterator<Item = &ThemeCard> {
+        self.sets.iter().map(|s| &s.card)
+    }
+
+    /// Every theme the analyzer scores, in the order of [`Analysis::themes`].
+    pub fn themes(&self) -> &[Theme] {
+        &self.themes
+    }
+
+    /// The threshold at or above which `theme` is reported, if it is one of [`Self::themes`].
+    pub fn threshold(&self, theme: &Theme) -> Option<f32> {
+        self.sets.iter().find_map(|s| {
+            let k = s.card.labels.iter().position(|t| t == theme)?;
+            Some(s.card.thresholds[k])
+        })
     }
 
     /// Analyses one article.
@@ -418,25 +514,33 @@ impl Analyzer {
         states: &TextStates,
     ) -> Result<Partial> {
         let h = self.embedder.hidden_size();
-        let width = self.card.input_size;
         let offset = range.start;
         let whole = range.len() == text.len();
         let piece = &text[range];
-        // Every window's pooled states; the article's scores come from them by the card's rule.
-        let mut window_rows = Vec::with_capacity(states.windows.len() * width);
-        for w in &states.windows {
-            self.card.pooling.pool(
-                w.hidden.outer_iter(),
-                w.layer_mean.as_ref().map(|m| m.outer_iter()),
-                h,
-                &mut window_rows,
-            );
-        }
+        // Every window's pooled states, per theme set (each pools as its card says); the
+        // article's scores come from them by the card's rule.
+        let window_rows: Vec<Vec<f32>> = self
+            .sets
+            .iter()
+            .map(|set| {
+                let mut rows = Vec::with_capacity(states.windows.len() * set.card.input_size);
+                for w in &states.windows {
+                    set.card.pooling.pool(
+                        w.hidden.outer_iter(),
+                        w.layer_mean.as_ref().map(|m| m.outer_iter()),
+                        h,
+                        &mut rows,
+                    );
+                }
+                rows
+            })
+            .collect();
         let (whole_probs, evidence_for) = if whole {
             let probs = self.article_probs(&window_rows)?;
-            (Some(probs), self.labels(&probs))
+            let labels = self.labels(&probs);
+            (Some(probs), labels)
         } else {
-            (None, Theme::ALL.to_vec())
+            (None, self.themes.clone())
         };
         let mut evidence = if evidence_for.is_empty() {
             Vec::new()
@@ -462,63 +566,60 @@ impl Analyzer {
         })
     }
 
-    /// Calibrated article scores from the pooled rows of all its windows (row-major, each
-    /// `card.input_size` wide), by the card's [`Aggregation`].
-    fn article_probs(&self, window_rows: &[f32]) -> Result<[f32; 4]> {
-        let width = self.card.input_size;
-        let raw = match self.card.aggregation {
-            Aggregation::MeanVector => {
-                let mean = mean_row(window_rows, width);
-                self.theme_head
-                    .probabilities(&mean, width, &self.head_device)?
-                    .first()
-                    .copied()
-                    .unwrap_or([0.0; 4])
-            }
-            rule => {
-                let window_probs =
-                    self.theme_head
-                        .probabilities(window_rows, width, &self.head_device)?;
-                rule.combine(&window_probs)
-                    .expect("a rule over window scores")
-            }
-        };
-        Ok(self.card.calibrate(raw))
+    /// Calibrated article scores of every theme, from the pooled rows of all its windows
+    /// (per set, row-major, each `card.input_size` wide), by each card's [`Aggregation`].
+    fn article_probs(&self, window_rows: &[Vec<f32>]) -> Result<Vec<f32>> {
+        let mut probs = Vec::with_capacity(self.themes.len());
+        for (set, rows) in self.sets.iter().zip(window_rows) {
+            probs.extend(set.article_probs(rows)?);
+        }
+        Ok(probs)
     }
 
-    fn labels(&self, probs: &[f32; 4]) -> Vec<Theme> {
-        Theme::ALL
-            .into_iter()
-            .filter(|t| probs[t.index()] >= self.card.thresholds[t.index()])
+    /// The themes whose score reaches their set's threshold.
+    fn labels(&self, probs: &[f32]) -> Vec<Theme> {
+        let thresholds = self.sets.iter().flat_map(|s| &s.card.thresholds);
+        self.themes
+            .iter()
+            .zip(probs)
+            .zip(thresholds)
+            .filter(|((_, p), t)| *p >= *t)
+            .map(|((theme, _), _)| theme.clone())
             .collect()
     }
 
     /// One article's analysis from its segments' (in text order).
-    fn merge(&self, article: Article, partials: Vec<Partial>) -> Result<Analysis> {
-        let probs = match partials.as_slice() {
-            [one] if one.whole_probs.is_some() => one.whole_probs.expect("checked"),
+    fn merge(&self, article: Article, mut partials: Vec<Partial>) -> Result<Analysis> {
+        let probs = match partials.as_mut_slice() {
+            [one] if one.whole_probs.is_some() => one.whole_probs.take().expect("checked"),
             _ => {
-                let rows: Vec<f32> = partials
-                    .iter()
-                    .flat_map(|p| p.window_rows.iter().copied())
+                let rows: Vec<Vec<f32>> = (0..self.sets.len())
+                    .map(|i| {
+                        partials
+                            .iter()
+                            .flat_map(|p| p.window_rows[i].iter().copied())
+                            .collect()
+                    })
                     .collect();
                 self.article_probs(&rows)?
             }
         };
-        let themes: Vec<ThemeScore> = Theme::ALL
+        let themes: Vec<ThemeScore> = self
+            .themes
             .iter()
-            .map(|&theme| ThemeScore {
-                theme,
-                score: probs[theme.index()],
+            .zip(&probs)
+            .map(|(theme, &score)| ThemeScore {
+                theme: theme.clone(),
+                score,
             })
             .collect();
         let labels = self.labels(&probs);
         let mut evidence = Vec::new();
-        for &theme in &labels {
+        for theme in &labels {
             let mut of_theme: Vec<&Evidence> = partials
                 .iter()
                 .flat_map(|p| &p.evidence)
-                .filter(|e| e.theme == theme)
+                .filter(|e| &e.theme == theme)
                 .collect();
             of_theme.sort_by(|a, b| b.score.total_cmp(&a.score));
             evidence.extend(of_theme.into_iter().take(self.evidence_per_theme).cloned());
@@ -661,49 +762,54 @@ impl Analyzer {
         let kept: Vec<usize> = (0..sentences.len())
             .filter(|&i| !members[i].is_empty())
             .collect();
-        let width = self.card.input_size;
-        let mut rows = Vec::with_capacity(kept.len() * width);
-        for &i in &kept {
-            // The sentence's token states, from the last layer or the layer mean, without
-            // copying them: one closure, so both iterators have one type.
-            let states_of = |layer_mean: bool| {
-                members[i].iter().map(move |&(w, row)| {
-                    let window = &states.windows[w];
-                    // `build` gives the embedder a layer mean whenever the card's pooling reads one.
-                    let table = match layer_mean {
-                        true => window
-                            .layer_mean
-                            .as_ref()
-                            .expect("the embedder makes layer means for this pooling"),
-                        false => &window.hidden,
-                    };
-                    table.row(row)
-                })
-            };
-            self.card.pooling.pool(
-                states_of(false),
-                self.card
-                    .pooling
-                    .needs_layer_mean()
-                    .then(|| states_of(true)),
-                h,
-                &mut rows,
-            );
-        }
-        let probs = self
-            .theme_head
-            .probabilities(&rows, width, &self.head_device)?;
+        // Each set that has one of the labels scores every kept sentence once.
+        let mut set_probs: Vec<Option<Vec<Vec<f32>>>> = vec![None; self.sets.len()];
         let mut evidence = Vec::new();
-        for &theme in labels {
+        for theme in labels {
+            let Some((s, k)) = self.locate(theme) else {
+                continue;
+            };
+            if set_probs[s].is_none() {
+                let set = &self.sets[s];
+                let width = set.card.input_size;
+                let mut rows = Vec::with_capacity(kept.len() * width);
+                for &i in &kept {
+                    // The sentence's token states, from the last layer or the layer mean,
+                    // without copying them: one closure, so both iterators have one type.
+                    let states_of = |layer_mean: bool| {
+                        members[i].iter().map(move |&(w, row)| {
+                            let window = &states.windows[w];
+                            // `build` gives the embedder a layer mean whenever a card's pooling
+                            // reads one.
+                            let table = match layer_mean {
+                                true => window
+                                    .layer_mean
+                                    .as_ref()
+                                    .expect("the embedder makes layer means for this pooling"),
+                                false => &window.hidden,
+                            };
+                            table.row(row)
+                        })
+                    };
+                    set.card.pooling.pool(
+                        states_of(false),
+                        set.card.pooling.needs_layer_mean().then(|| states_of(true)),
+                        h,
+                        &mut rows,
+                    );
+                }
+                set_probs[s] = Some(set.head.probabilities(&rows, width, &Device::Cpu)?);
+            }
+            let probs = set_probs[s].as_ref().expect("computed above");
             let mut scored: Vec<(Span, f32)> = kept
                 .iter()
-                .zip(&probs)
-                .map(|(&i, p)| (sentences[i], p[theme.index()]))
+                .zip(probs)
+                .map(|(&i, p)| (sentences[i], p[k]))
                 .collect();
             scored.sort_by(|a, b| b.1.total_cmp(&a.1));
             evidence.extend(scored.into_iter().take(self.evidence_per_theme).map(
                 |(span, score)| Evidence {
-                    theme,
+                    theme: theme.clone(),
                     start: span.start,
                     end: span.end,
                     score,
@@ -711,6 +817,49 @@ impl Analyzer {
             ));
         }
         Ok(evidence)
+    }
+
+    /// The set that scores `theme` and its output index there.
+    fn locate(&self, theme: &Theme) -> Option<(usize, usize)> {
+        self.sets.iter().enumerate().find_map(|(s, set)| {
+            let k = set.card.labels.iter().position(|t| t == theme)?;
+            Some((s, k))
+        })
+    }
+}
+
+/// One theme set loaded: a theme head, its card, and the folder it came from.
+#[derive(Debug, Clone)]
+struct ThemeSet {
+    folder: PathBuf,
+    head: ThemeHead,
+    card: ThemeCard,
+}
+
+impl ThemeSet {
+    /// Calibrated article scores of the set's themes from the pooled rows of an article's
+    /// windows (row-major, `card.input_size` wide), by the card's [`Aggregation`].
+    fn article_probs(&self, window_rows: &[f32]) -> Result<Vec<f32>> {
+        let width = self.card.input_size;
+        let raw = match self.card.aggregation {
+            Aggregation::MeanVector => {
+                let mean = mean_row(window_rows, width);
+                self.head
+                    .probabilities(&mean, width, &Device::Cpu)?
+                    .pop()
+                    .unwrap_or_else(|| vec![0.0; self.card.labels.len()])
+            }
+            rule => {
+                let window_probs = self.head.probabilities(window_rows, width, &Device::Cpu)?;
+                if window_probs.is_empty() {
+                    vec![0.0; self.card.labels.len()]
+                } else {
+                    rule.combine(&window_probs)
+                        .expect("a rule over window scores")
+                }
+            }
+        };
+        Ok(self.card.calibrate(raw))
     }
 }
 
@@ -777,10 +926,10 @@ impl PreparedArticles {
 
 /// What one segment of an article contributes.
 struct Partial {
-    /// Pooled states of each window, row-major.
-    window_rows: Vec<f32>,
-    /// The article's scores when the piece is the whole article.
-    whole_probs: Option<[f32; 4]>,
+    /// Pooled states of each window, row-major, per theme set.
+    window_rows: Vec<Vec<f32>>,
+    /// The article's scores (every theme) when the piece is the whole article.
+    whole_probs: Option<Vec<f32>>,
     evidence: Vec<Evidence>,
     entities: Vec<Entity>,
     windows: usize,

@@ -55,6 +55,7 @@ mod error;
 pub mod heads;
 pub mod records;
 pub mod text;
+pub mod theme_set;
 mod themes;
 pub mod train;
 pub mod weights;

@@ -50,8 +50,8 @@ fn seed_articles_get_their_themes() {
     let results = analyzer.analyze_many(&articles).unwrap();
     let mut wrong = Vec::new();
     for (seed, got) in seeds.iter().zip(&results) {
-        let labels: HashSet<Theme> = got.labels.iter().copied().collect();
-        let ok_set: HashSet<Theme> = seed.primary.iter().chain(&seed.allowed).copied().collect();
+        let labels: HashSet<Theme> = got.labels.iter().cloned().collect();
+        let ok_set: HashSet<Theme> = seed.primary.iter().chain(&seed.allowed).cloned().collect();
         let missing: Vec<_> = seed
             .primary
             .iter()
@@ -338,7 +338,7 @@ fn calibration_and_aggregation_from_the_card_reach_the_scores() {
             "{raw:?} {cal:?}"
         );
         assert!((0.0..=1.0).contains(&cal.score));
-        let over = cal.score >= analyzer.theme_card().thresholds[cal.theme.index()];
+        let over = cal.score >= analyzer.threshold(&cal.theme).expect("a loaded theme");
         assert_eq!(over, calibrated.labels.contains(&cal.theme));
     }
 }

@@ -75,7 +75,7 @@ struct NativeAnalyzer {
 #[pymethods]
 impl NativeAnalyzer {
     #[new]
-    #[pyo3(signature = (model=None, heads=None, threads=None, cpu_path="auto", batch_tokens=None))]
+    #[pyo3(signature = (model=None, heads=None, threads=None, cpu_path="auto", batch_tokens=None, theme_sets=Vec::new()))]
     fn new(
         py: Python<'_>,
         model: Option<PathBuf>,
@@ -83,6 +83,7 @@ impl NativeAnalyzer {
         threads: Option<usize>,
         cpu_path: &str,
         batch_tokens: Option<usize>,
+        theme_sets: Vec<PathBuf>,
     ) -> PyResult<Self> {
         let path = self::cpu_path(cpu_path)?;
         let mut builder = Analyzer::builder()
@@ -90,6 +91,9 @@ impl NativeAnalyzer {
             .embedder(|e| e.cpu_path(path));
         if let Some(h) = heads {
             builder = builder.heads(h);
+        }
+        for set in theme_sets {
+            builder = builder.theme_set(set);
         }
         if let Some(t) = threads {
             builder = builder.threads(t);
@@ -215,11 +219,10 @@ impl NativeAnalyzer {
         .map_err(to_py)
     }
 
-    /// Labels of the loaded theme head, in score order.
+    /// Every theme of every loaded theme set, in score order.
     fn theme_labels(&self) -> Vec<String> {
         self.inner
-            .theme_card()
-            .labels
+            .themes()
             .iter()
             .map(|t| t.as_str().to_string())
             .collect()

@@ -112,6 +112,9 @@ class Analyzer:
         cpu_path: ``"auto"`` (int8 where the CPU has AVX-512 VNNI), ``"int8"`` or
             ``"reference"``.
         batch_tokens: padded tokens per encoder batch (default: the crate's).
+        theme_sets: more heads folders to score with (custom theme sets made by
+            ``train_themes --theme-set FILE --out DIR``); their themes follow those of
+            ``heads`` in ``themes``, and the encoder still runs once per window.
 
     Raises:
         ModelError: a model or heads folder is missing or wrong (the message names the path
@@ -135,6 +138,7 @@ class Analyzer:
         threads: Optional[int] = None,
         cpu_path: str = "auto",
         batch_tokens: Optional[int] = None,
+        theme_sets: Sequence[str] = (),
     ) -> None:
         self._native = NativeAnalyzer(
             model=None if model is None else str(model),
@@ -142,11 +146,12 @@ class Analyzer:
             threads=threads,
             cpu_path=cpu_path,
             batch_tokens=batch_tokens,
+            theme_sets=[str(s) for s in theme_sets],
         )
 
     @property
     def theme_labels(self) -> List[str]:
-        """The themes the loaded head scores, in output order."""
+        """Every theme of the loaded theme sets, in output order."""
         return self._native.theme_labels()
 
     def describe_compute(self) -> str:

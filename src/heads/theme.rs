@@ -140,11 +140,17 @@ impl Aggregation {
 
     /// Combines per-window probabilities for the rules that work on them; `None` for
     /// [`Aggregation::MeanVector`], which needs the pooled vectors instead.
-    pub fn combine(self, window_probs: &[[f32; 4]]) -> Option<[f32; 4]> {
+    /// Every row of `window_probs` has one probability per theme.
+    pub fn combine(self, window_probs: &[Vec<f32>]) -> Option<Vec<f32>> {
+        let themes = window_probs.first().map_or(0, Vec::len);
         let column = |k: usize| window_probs.iter().map(move |p| p[k]);
         match self {
-            Aggregation::TopTwoMean => Some(std::array::from_fn(|k| top_two_mean(column(k)))),
-            Aggregation::Max => Some(std::array::from_fn(|k| column(k).fold(0f32, f32::max))),
+            Aggregation::TopTwoMean => Some((0..themes).map(|k| top_two_mean(column(k))).collect()),
+            Aggregation::Max => Some(
+                (0..themes)
+                    .map(|k| column(k).fold(0f32, f32::max))
+                    .collect(),
+            ),
             Aggregation::MeanVector => None,
         }
     }
@@ -225,8 +231,16 @@ pub struct ThemeMetrics {
 /// and how well it was trained. Stored as `themes.json` beside `themes.safetensors`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ThemeCard {
-    /// Output order of the head; must equal [`Theme::ALL`].
+    /// The themes, in the head's output order ([`Theme::BUILT_IN`] for the built-in head).
     pub labels: Vec<Theme>,
+    /// The theme set's name, for sets made from a theme-set file (`None` for the built-in
+    /// head).
+    #[serde(default)]
+    pub set_name: Option<String>,
+    /// How each theme of a set made from a theme-set file was scored and from what (`None`
+    /// for the built-in head, which the rest of the card describes).
+    #[serde(default)]
+    pub theme_set: Option<Vec<ThemeSetEntry>>,
     /// Width of the input vectors ([`Pooling::output_size`] of the encoder's hidden size).
     pub input_size: usize,
     /// How token states are pooled into the input vector.
@@ -284,33 +298,63 @@ fn one() -> usize {
     1
 }
 
+/// How one theme of a custom set is scored (a row of the set's linear head).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ThemeSetMode {
+    /// From the theme's descriptions alone: similarity to their embedding, standardised
+    /// against the background news.
+    ZeroShot,
+    /// Trained on the theme's examples, starting from and held near the zero-shot row.
+    FewShot,
+}
+
+/// What a custom set's card records about one theme.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ThemeSetEntry {
+    /// The theme.
+    pub theme: Theme,
+    /// How it is scored.
+    pub mode: ThemeSetMode,
+    /// Its descriptions, as given.
+    pub descriptions: Vec<String>,
+    /// Positive examples it was trained on.
+    pub positives: usize,
+    /// Negative examples it was trained on (the background news not counted).
+    pub negatives: usize,
+}
+
 impl ThemeCard {
     /// Calibrated article scores from raw head probabilities.
-    pub fn calibrate(&self, probs: [f32; 4]) -> [f32; 4] {
+    pub fn calibrate(&self, probs: Vec<f32>) -> Vec<f32> {
         if self.calibration.is_empty() {
             return probs;
         }
-        std::array::from_fn(|k| self.calibration[k].apply(probs[k]))
+        probs
+            .iter()
+            .zip(&self.calibration)
+            .map(|(&p, c)| c.apply(p))
+            .collect()
     }
 
     /// Reads and checks a card.
     ///
     /// # Errors
-    /// [`Error::Io`] or [`Error::Config`] if it cannot be read, or if its labels or thresholds
-    /// do not match the four themes.
+    /// [`Error::Io`] or [`Error::Config`] if it cannot be read, if it has no labels or the same
+    /// label twice, or if its thresholds or calibrations do not match its labels.
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let card: ThemeCard = serde_json::from_str(&text).map_err(|e| Error::Config {
             path: path.to_path_buf(),
             message: format!("line {} column {}: {e}", e.line(), e.column()),
         })?;
-        if card.labels != Theme::ALL {
+        let unique: std::collections::BTreeSet<&Theme> = card.labels.iter().collect();
+        if card.labels.is_empty() || unique.len() != card.labels.len() {
             return Err(Error::Config {
                 path: path.to_path_buf(),
                 message: format!(
-                    "labels {:?} do not match the themes {:?}",
-                    card.labels,
-                    Theme::ALL
+                    "labels must be one or more distinct themes, found {:?}",
+                    card.labels
                 ),
             });
         }
@@ -355,8 +399,12 @@ struct Member {
 }
 
 impl Member {
-    fn load(vb: VarBuilder<'_>, input_size: usize, hidden_size: usize) -> Result<Self> {
-        let labels = Theme::ALL.len();
+    fn load(
+        vb: VarBuilder<'_>,
+        input_size: usize,
+        hidden_size: usize,
+        labels: usize,
+    ) -> Result<Self> {
         Ok(if hidden_size == 0 {
             Member {
                 hidden: None,
@@ -384,13 +432,14 @@ impl Member {
 #[derive(Debug, Clone)]
 pub struct ThemeHead {
     members: Vec<Member>,
+    labels: usize,
     /// The members as host dense layers, for heads loaded for the CPU (see [`super::dense`]).
     host: Option<Vec<(Option<DenseLayer>, DenseLayer)>>,
 }
 
 impl ThemeHead {
-    /// Builds a head of `members` MLPs under `vb` (`m0.hidden`, `m0.output`, `m1.…`), for
-    /// training (a `VarMap`) or inference (safetensors).
+    /// Builds a head of `members` MLPs with `labels` outputs under `vb` (`m0.hidden`,
+    /// `m0.output`, `m1.…`), for training (a `VarMap`) or inference (safetensors).
     ///
     /// # Errors
     /// A tensor error if a weight is missing or misshapen.
@@ -399,20 +448,28 @@ impl ThemeHead {
         input_size: usize,
         hidden_size: usize,
         members: usize,
+        labels: usize,
     ) -> Result<Self> {
         let members = (0..members.max(1))
-            .map(|i| Member::load(vb.pp(format!("m{i}")), input_size, hidden_size))
+            .map(|i| Member::load(vb.pp(format!("m{i}")), input_size, hidden_size, labels))
             .collect::<Result<Vec<_>>>()?;
         Ok(ThemeHead {
             members,
+            labels,
             host: None,
         })
+    }
+
+    /// Outputs (themes) of the head.
+    pub fn labels(&self) -> usize {
+        self.labels
     }
 
     /// The head made of member `i` alone, sharing its weights (for training members one by one).
     pub fn member(&self, i: usize) -> Option<ThemeHead> {
         self.members.get(i).map(|m| ThemeHead {
             members: vec![m.clone()],
+            labels: self.labels,
             host: None,
         })
     }
@@ -428,11 +485,17 @@ impl ThemeHead {
         let card = ThemeCard::read(&card_path)?;
         let data = std::fs::read(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
         let vb = VarBuilder::from_buffered_safetensors(data, DType::F32, device)?;
-        let mut head = ThemeHead::load(vb, card.input_size, card.hidden_size, card.members)
-            .map_err(|e| Error::Tensor {
-                name: weights_path.display().to_string(),
-                message: format!("does not match its card: {e}"),
-            })?;
+        let mut head = ThemeHead::load(
+            vb,
+            card.input_size,
+            card.hidden_size,
+            card.members,
+            card.labels.len(),
+        )
+        .map_err(|e| Error::Tensor {
+            name: weights_path.display().to_string(),
+            message: format!("does not match its card: {e}"),
+        })?;
         if device.is_cpu() {
             head.host = Some(
                 head.members
@@ -449,7 +512,7 @@ impl ThemeHead {
         Ok((head, card))
     }
 
-    /// Logits `[rows, 4]` for pooled vectors `[rows, input]`: the members' mean.
+    /// Logits `[rows, labels]` for pooled vectors `[rows, input]`: the members' mean.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut sum = self.members[0].forward(x)?;
         for m in &self.members[1..] {
@@ -464,13 +527,13 @@ impl ThemeHead {
         rows: &[f32],
         input_size: usize,
         device: &Device,
-    ) -> Result<Vec<[f32; 4]>> {
+    ) -> Result<Vec<Vec<f32>>> {
         let n = rows.len() / input_size.max(1);
         if n == 0 {
             return Ok(Vec::new());
         }
         if let Some(host) = &self.host {
-            let mut sum = vec![0f32; n * Theme::ALL.len()];
+            let mut sum = vec![0f32; n * self.labels];
             for (hidden, output) in host {
                 let logits = match hidden {
                     Some(h) => output.forward(&h.forward_gelu(rows)),
@@ -482,13 +545,16 @@ impl ThemeHead {
             }
             let members = host.len() as f32;
             return Ok(sum
-                .chunks_exact(Theme::ALL.len())
-                .map(|r| std::array::from_fn(|k| 1.0 / (1.0 + (-r[k] / members).exp())))
+                .chunks_exact(self.labels)
+                .map(|r| {
+                    r.iter()
+                        .map(|l| 1.0 / (1.0 + (-l / members).exp()))
+                        .collect()
+                })
                 .collect());
         }
         let x = Tensor::from_slice(rows, (n, input_size), device)?;
-        let p: Vec<Vec<f32>> = candle_nn::ops::sigmoid(&self.forward(&x)?)?.to_vec2()?;
-        Ok(p.into_iter().map(|r| [r[0], r[1], r[2], r[3]]).collect())
+        Ok(candle_nn::ops::sigmoid(&self.forward(&x)?)?.to_vec2()?)
     }
 }
 
@@ -507,13 +573,18 @@ mod tests {
     #[test]
     fn window_rules_combine_per_theme() {
         let windows = [
-            [0.1, 0.9, 0.5, 0.0],
-            [0.3, 0.5, 0.1, 0.0],
-            [0.2, 0.1, 0.1, 0.0],
+            vec![0.1, 0.9, 0.5, 0.0],
+            vec![0.3, 0.5, 0.1, 0.0],
+            vec![0.2, 0.1, 0.1, 0.0],
         ];
         assert_eq!(
             Aggregation::Max.combine(&windows),
-            Some([0.3, 0.9, 0.5, 0.0])
+            Some(vec![0.3, 0.9, 0.5, 0.0])
+        );
+        // Any number of themes.
+        assert_eq!(
+            Aggregation::Max.combine(&[vec![0.2], vec![0.7]]),
+            Some(vec![0.7])
         );
         let top2 = Aggregation::TopTwoMean.combine(&windows).unwrap();
         assert!((top2[0] - 0.25).abs() < 1e-6 && (top2[1] - 0.7).abs() < 1e-6);

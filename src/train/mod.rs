@@ -38,13 +38,10 @@ pub struct ThemeExample {
 }
 
 impl ThemeExample {
-    /// The labels as one flag per theme, in [`Theme::ALL`] order.
-    pub fn flags(&self) -> [bool; 4] {
-        let mut f = [false; 4];
-        for t in &self.labels {
-            f[t.index()] = true;
-        }
-        f
+    /// The labels as one flag per theme of `themes`, in its order (labels outside it are
+    /// left out).
+    pub fn flags(&self, themes: &[Theme]) -> Vec<bool> {
+        themes.iter().map(|t| self.labels.contains(t)).collect()
     }
 }
 
@@ -178,12 +175,17 @@ pub fn expected_calibration_error(scores: &[f32], gold: &[bool], bins: usize) ->
         .sum()
 }
 
-/// Precision, recall and F1 per theme for predicted against gold flags.
-pub fn theme_metrics(gold: &[[bool; 4]], predicted: &[[bool; 4]]) -> Vec<ThemeMetrics> {
-    Theme::ALL
+/// Precision, recall and F1 per theme for predicted against gold flags (one flag per theme of
+/// `themes`, in its order).
+pub fn theme_metrics(
+    themes: &[Theme],
+    gold: &[Vec<bool>],
+    predicted: &[Vec<bool>],
+) -> Vec<ThemeMetrics> {
+    themes
         .iter()
-        .map(|&theme| {
-            let k = theme.index();
+        .enumerate()
+        .map(|(k, theme)| {
             let (mut tp, mut fp, mut fn_) = (0usize, 0usize, 0usize);
             for (g, p) in gold.iter().zip(predicted) {
                 match (g[k], p[k]) {
@@ -195,7 +197,7 @@ pub fn theme_metrics(gold: &[[bool; 4]], predicted: &[[bool; 4]]) -> Vec<ThemeMe
             }
             let (precision, recall, f1) = prf(tp, fp, fn_);
             ThemeMetrics {
-                theme,
+                theme: theme.clone(),
                 precision,
                 recall,
                 f1,
@@ -265,16 +267,17 @@ mod tests {
     #[test]
     fn metrics_match_hand_counts() {
         let gold = [
-            [true, false, false, false],
-            [true, true, false, false],
-            [false, false, false, false],
+            vec![true, false, false, false],
+            vec![true, true, false, false],
+            vec![false, false, false, false],
         ];
         let pred = [
-            [true, false, false, false],
-            [false, true, true, false],
-            [true, false, false, false],
+            vec![true, false, false, false],
+            vec![false, true, true, false],
+            vec![true, false, false, false],
         ];
-        let m = theme_metrics(&gold, &pred);
+        let m = theme_metrics(&Theme::BUILT_IN, &gold, &pred);
+        assert_eq!(m[2].theme, Theme::FOREIGN_INTERFERENCE);
         // recruitment: tp 1, fp 1, fn 1.
         assert_eq!((m[0].precision, m[0].recall, m[0].f1), (0.5, 0.5, 0.5));
         // takedown: tp 1.

