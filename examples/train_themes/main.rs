@@ -99,6 +99,13 @@ struct Args {
     /// Theme sets: full-batch epochs of a few-shot row.
     #[arg(long, default_value_t = 1000)]
     set_epochs: usize,
+    /// Theme sets: weight of a background text, as a negative of a few-shot row, against one
+    /// of the user's own negatives.
+    #[arg(long, default_value_t = 0.3)]
+    background_weight: f32,
+    /// Theme sets: share of the zero-shot row mixed into a trained few-shot row.
+    #[arg(long, default_value_t = 0.3)]
+    shrink: f32,
     /// Theme sets: learning rate of a few-shot row.
     #[arg(long, default_value_t = 1e-2)]
     set_lr: f64,

