@@ -22,7 +22,7 @@ use crate::entities::{group_entities, repair_bio, Entity, EntityGroup, Tag};
 use crate::error::Result;
 use crate::heads::ner::{NerCard, NerHead, NER_HEAD_CARD};
 use crate::heads::theme::{mean_row, Aggregation};
-use crate::heads::{ThemeCard, ThemeHead};
+use crate::heads::{Pooling, ThemeCard, ThemeHead};
 use crate::text::{owning_window, sentence_spans, Span, TokenizedText};
 use crate::themes::{Evidence, Theme, ThemeScore};
 use crate::train::conll::{entity_spans, pack_sentences};
@@ -185,6 +185,7 @@ impl AnalyzerBuilder {
             .collect();
         let mut sets: Vec<ThemeSet> = Vec::with_capacity(folders.len());
         let mut themes: Vec<Theme> = Vec::new();
+        let mut poolings: Vec<Pooling> = Vec::new();
         for folder in &folders {
             let (head, card) = ThemeHead::from_folder(folder, &device)?;
             for theme in &card.labels {
@@ -198,10 +199,19 @@ impl AnalyzerBuilder {
                 }
             }
             themes.extend(card.labels.iter().cloned());
+            // Sets that pool alike share one pooled row per window and sentence.
+            let pooled = match poolings.iter().position(|&p| p == card.pooling) {
+                Some(i) => i,
+                None => {
+                    poolings.push(card.pooling);
+                    poolings.len() - 1
+                }
+            };
             sets.push(ThemeSet {
                 folder: folder.clone(),
                 head,
                 card,
+                pooled,
             });
         }
         let ner = match folders.iter().find(|f| f.join(NER_HEAD_CARD).is_file()) {
@@ -317,6 +327,7 @@ impl AnalyzerBuilder {
             embedder,
             sets,
             themes,
+            poolings,
             ner: ner.map(|(_, head)| head),
             evidence_per_theme: self.evidence_per_theme,
             segment_bytes: self.segment_bytes.max(1024),
@@ -352,6 +363,8 @@ pub struct Analyzer {
     sets: Vec<ThemeSet>,
     /// Every set's themes, in set order: the order of [`Analysis::themes`].
     themes: Vec<Theme>,
+    /// The distinct poolings of the sets (`ThemeSet::pooled` indexes it).
+    poolings: Vec<Pooling>,
     ner: Option<(NerHead, NerCard)>,
     evidence_per_theme: usize,
     segment_bytes: usize,
@@ -373,11 +386,6 @@ impl Analyzer {
         &self.sets[0].card
     }
 
-    /// Every theme set's card, main folder first.
-    pub fn theme_cards(&self) -> impl Iterator<Item = &ThemeCard> {
-        self.sets.iter().map(|s| &s.card)
-    }
-
     /// Every theme the analyzer scores, in the order of [`Analysis::themes`].
     pub fn themes(&self) -> &[Theme] {
         &self.themes
@@ -385,10 +393,8 @@ impl Analyzer {
 
     /// The threshold at or above which `theme` is reported, if it is one of [`Self::themes`].
     pub fn threshold(&self, theme: &Theme) -> Option<f32> {
-        self.sets.iter().find_map(|s| {
-            let k = s.card.labels.iter().position(|t| t == theme)?;
-            Some(s.card.thresholds[k])
-        })
+        let (s, k) = self.locate(theme)?;
+        Some(self.sets[s].card.thresholds[k])
     }
 
     /// Analyses one article.
@@ -517,15 +523,15 @@ impl Analyzer {
         let offset = range.start;
         let whole = range.len() == text.len();
         let piece = &text[range];
-        // Every window's pooled states, per theme set (each pools as its card says); the
-        // article's scores come from them by the card's rule.
+        // Every window's pooled states, once per distinct pooling of the sets; the article's
+        // scores come from them by each card's rule.
         let window_rows: Vec<Vec<f32>> = self
-            .sets
+            .poolings
             .iter()
-            .map(|set| {
-                let mut rows = Vec::with_capacity(states.windows.len() * set.card.input_size);
+            .map(|pooling| {
+                let mut rows = Vec::with_capacity(states.windows.len() * pooling.output_size(h));
                 for w in &states.windows {
-                    set.card.pooling.pool(
+                    pooling.pool(
                         w.hidden.outer_iter(),
                         w.layer_mean.as_ref().map(|m| m.outer_iter()),
                         h,
@@ -567,11 +573,11 @@ impl Analyzer {
     }
 
     /// Calibrated article scores of every theme, from the pooled rows of all its windows
-    /// (per set, row-major, each `card.input_size` wide), by each card's [`Aggregation`].
+    /// (per pooling, row-major), by each card's [`Aggregation`].
     fn article_probs(&self, window_rows: &[Vec<f32>]) -> Result<Vec<f32>> {
         let mut probs = Vec::with_capacity(self.themes.len());
-        for (set, rows) in self.sets.iter().zip(window_rows) {
-            probs.extend(set.article_probs(rows)?);
+        for set in &self.sets {
+            probs.extend(set.article_probs(&window_rows[set.pooled])?);
         }
         Ok(probs)
     }
@@ -593,7 +599,7 @@ impl Analyzer {
         let probs = match partials.as_mut_slice() {
             [one] if one.whole_probs.is_some() => one.whole_probs.take().expect("checked"),
             _ => {
-                let rows: Vec<Vec<f32>> = (0..self.sets.len())
+                let rows: Vec<Vec<f32>> = (0..self.poolings.len())
                     .map(|i| {
                         partials
                             .iter()
@@ -762,17 +768,19 @@ impl Analyzer {
         let kept: Vec<usize> = (0..sentences.len())
             .filter(|&i| !members[i].is_empty())
             .collect();
-        // Each set that has one of the labels scores every kept sentence once.
+        // Each set that has one of the labels scores every kept sentence once, from rows
+        // pooled once per pooling.
+        let mut pooled_rows: Vec<Option<Vec<f32>>> = vec![None; self.poolings.len()];
         let mut set_probs: Vec<Option<Vec<Vec<f32>>>> = vec![None; self.sets.len()];
         let mut evidence = Vec::new();
         for theme in labels {
             let Some((s, k)) = self.locate(theme) else {
                 continue;
             };
-            if set_probs[s].is_none() {
-                let set = &self.sets[s];
-                let width = set.card.input_size;
-                let mut rows = Vec::with_capacity(kept.len() * width);
+            let set = &self.sets[s];
+            if pooled_rows[set.pooled].is_none() {
+                let pooling = self.poolings[set.pooled];
+                let mut rows = Vec::with_capacity(kept.len() * pooling.output_size(h));
                 for &i in &kept {
                     // The sentence's token states, from the last layer or the layer mean,
                     // without copying them: one closure, so both iterators have one type.
@@ -791,14 +799,19 @@ impl Analyzer {
                             table.row(row)
                         })
                     };
-                    set.card.pooling.pool(
+                    pooling.pool(
                         states_of(false),
-                        set.card.pooling.needs_layer_mean().then(|| states_of(true)),
+                        pooling.needs_layer_mean().then(|| states_of(true)),
                         h,
                         &mut rows,
                     );
                 }
-                set_probs[s] = Some(set.head.probabilities(&rows, width, &Device::Cpu)?);
+                pooled_rows[set.pooled] = Some(rows);
+            }
+            if set_probs[s].is_none() {
+                let rows = pooled_rows[set.pooled].as_ref().expect("pooled above");
+                let width = set.card.input_size;
+                set_probs[s] = Some(set.head.probabilities(rows, width, &Device::Cpu)?);
             }
             let probs = set_probs[s].as_ref().expect("computed above");
             let mut scored: Vec<(Span, f32)> = kept
@@ -834,6 +847,8 @@ struct ThemeSet {
     folder: PathBuf,
     head: ThemeHead,
     card: ThemeCard,
+    /// Index of the card's pooling in `Analyzer::poolings`.
+    pooled: usize,
 }
 
 impl ThemeSet {
@@ -926,7 +941,7 @@ impl PreparedArticles {
 
 /// What one segment of an article contributes.
 struct Partial {
-    /// Pooled states of each window, row-major, per theme set.
+    /// Pooled states of each window, row-major, per distinct pooling of the sets.
     window_rows: Vec<Vec<f32>>,
     /// The article's scores (every theme) when the piece is the whole article.
     whole_probs: Option<Vec<f32>>,

@@ -38,7 +38,7 @@ use themescan::heads::theme::{
 };
 use themescan::heads::{Pooling, ThemeCard, ThemeMetrics};
 use themescan::theme_set::{SetExample, ThemeSetFile};
-use themescan::train::{best_threshold, macro_f1, prf};
+use themescan::train::{best_threshold, macro_f1, story_fold, theme_metrics};
 use themescan::{Embedder, ModelSource};
 
 use super::{build_embedder, layer_mean_for, window_features, Args, WindowFeatures};
@@ -72,13 +72,7 @@ struct Fit {
 /// one file).
 fn background_texts(path: &Path) -> Result<Vec<String>> {
     let files: Vec<PathBuf> = if path.is_dir() {
-        let mut f: Vec<PathBuf> = std::fs::read_dir(path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-            .collect();
-        f.sort();
-        f
+        super::data_files(path)?
     } else {
         vec![path.to_path_buf()]
     };
@@ -244,16 +238,6 @@ fn fit_row(start: &Row, x: &[Vec<f32>], y: &[bool], background: &[bool], fit: &F
     })
 }
 
-/// Deterministic fold of a text (FNV-1a of its bytes), so folds do not depend on file order.
-fn fold_of(text: &str) -> usize {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in text.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    (h % FOLDS as u64) as usize
-}
-
 pub fn run(args: &Args, file: &Path) -> Result<()> {
     let started = Instant::now();
     let out = args
@@ -376,14 +360,14 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
             let mut windows: Vec<&[f32]> = labelled.iter().map(|&(i, _)| ex_windows[i]).collect();
             let mut folds: Vec<usize> = labelled
                 .iter()
-                .map(|&(i, _)| fold_of(&examples[i].text))
+                .map(|&(i, _)| story_fold(&examples[i].text, FOLDS))
                 .collect();
             let mut is_background = vec![false; labelled.len()];
             for (b, text) in bg_windows.iter().zip(&background) {
                 x.push(mean_row(b, width));
                 y.push(false);
                 windows.push(b);
-                folds.push(fold_of(text));
+                folds.push(story_fold(text, FOLDS));
                 is_background.push(true);
             }
             // Cross-validated article scores once there are enough positives to say anything:
@@ -410,23 +394,13 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
                 } else {
                     0.5
                 };
-                let (mut tp, mut fp, mut fn_) = (0, 0, 0);
-                for (p, &g) in oof[..mine].iter().zip(&y[..mine]) {
-                    match (*p >= t, g) {
-                        (true, true) => tp += 1,
-                        (true, false) => fp += 1,
-                        (false, true) => fn_ += 1,
-                        _ => {}
-                    }
-                }
-                let (precision, recall, f1) = prf(tp, fp, fn_);
-                cv_metrics.push(ThemeMetrics {
-                    theme: spec.name.clone(),
-                    precision,
-                    recall,
-                    f1,
-                    support: positives,
-                });
+                let gold: Vec<Vec<bool>> = y[..mine].iter().map(|&g| vec![g]).collect();
+                let predicted: Vec<Vec<bool>> = oof[..mine].iter().map(|&p| vec![p >= t]).collect();
+                cv_metrics.extend(theme_metrics(
+                    std::slice::from_ref(&spec.name),
+                    &gold,
+                    &predicted,
+                ));
                 cv_texts = cv_texts.max(mine);
                 t
             } else {

@@ -282,7 +282,8 @@ pub struct ThemeCard {
     pub seed: u64,
     /// Epochs of training.
     pub epochs: usize,
-    /// Dev metrics per theme at the tuned thresholds.
+    /// Dev metrics per theme at the tuned thresholds (for a custom set: cross-validated on
+    /// its own examples, for the themes with enough of them).
     pub dev_metrics: Vec<ThemeMetrics>,
     /// Dev macro-F1 at the tuned thresholds.
     pub dev_macro_f1: f64,
