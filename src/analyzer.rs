@@ -685,7 +685,7 @@ impl Analyzer {
             let states = self.embedder.token_states(&refs)?;
             for ((run, words), state) in group.iter().zip(&run_words).zip(&states) {
                 let rows = state.word_states(words, card.token_source, card.word_pooling)?;
-                let (tags, _) = head.tag(&rows)?;
+                let (tags, _) = head.tag(&rows, words)?;
                 let mut tags = tags.into_iter();
                 for sentence in &sentences[run.clone()] {
                     let mut t: Vec<Tag> = tags.by_ref().take(sentence.len()).collect();
@@ -724,7 +724,8 @@ impl Analyzer {
                 }
             }
         }
-        let (tags, scores) = head.tag(&rows)?;
+        let spellings: Vec<&str> = words.iter().map(|w| &text[w.start..w.end]).collect();
+        let (tags, scores) = head.tag(&rows, &spellings)?;
         Ok(entity_spans(&tags)
             .into_iter()
             .map(|(a, b, label)| {

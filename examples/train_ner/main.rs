@@ -35,8 +35,10 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
 use themescan::entities::{repair_bio, EntityLabel, Tag};
+use themescan::heads::crf::{self, Transitions};
 use themescan::heads::ner::{
-    decode, InputScaling, NerCard, NerDevScore, NerHead, NerNet, NER_HEAD_CARD, NER_HEAD_WEIGHTS,
+    word_shape, InputScaling, NerCard, NerDevScore, NerHead, NerNet, NER_HEAD_CARD,
+    NER_HEAD_WEIGHTS, WORD_SHAPE_WIDTH,
 };
 use themescan::train::conll::{pack_sentences, read_conll, score_entities, ConllSentence};
 use themescan::{CpuPath, Embedder, ModelSource, TokenSource, WordPooling};
@@ -139,6 +141,14 @@ struct Args {
     /// Peak learning rate of the fine-tuned encoder layers.
     #[arg(long, default_value_t = 1e-4)]
     encoder_lr: f64,
+    /// Append each word's shape (capitalisation, digits, punctuation, script) to its encoder
+    /// state.
+    #[arg(long)]
+    word_shape: bool,
+    /// Learn tag transitions with the head (a linear-chain CRF trained end to end; partial
+    /// labels are marginalised over the paths they allow) and decode with them.
+    #[arg(long)]
+    crf: bool,
 }
 
 mod fine_tune;
@@ -388,11 +398,15 @@ fn score_dev(head: &NerHead, dev: &[Split], kind: usize) -> Result<[Vec<NerDevSc
         let mut at = 0;
         for r in &split.runs {
             let sentences = &split.sentences[r.clone()];
-            let n: usize = sentences.iter().map(|s| s.tokens.len()).sum();
-            let log_probs = head.log_probs(&feats[at * h..(at + n) * h])?;
+            let words: Vec<&str> = sentences
+                .iter()
+                .flat_map(|s| s.tokens.iter().map(String::as_str))
+                .collect();
+            let n = words.len();
+            let rows = &feats[at * h..(at + n) * h];
             at += n;
             for (d, viterbi) in [false, true].into_iter().enumerate() {
-                let mut tags = decode(&log_probs, viterbi).into_iter();
+                let mut tags = head.tag_with(rows, &words, viterbi)?.0.into_iter();
                 for s in sentences {
                     let mut t: Vec<Tag> = tags.by_ref().take(s.tokens.len()).collect();
                     repair_bio(&mut t);
@@ -568,6 +582,10 @@ fn main() -> Result<()> {
         }
     }
     if args.fine_tune_layers > 0 {
+        anyhow::ensure!(
+            !args.word_shape && !args.crf,
+            "--fine-tune-layers trains the plain head: drop --word-shape and --crf"
+        );
         return fine_tuned(&args, &train, dev, data_note);
     }
     let mut builder = Embedder::builder()
@@ -600,7 +618,8 @@ fn main() -> Result<()> {
         );
     }
 
-    let width = (2 * args.context + 1) * h;
+    let hx = h + if args.word_shape { WORD_SHAPE_WIDTH } else { 0 };
+    let width = (2 * args.context + 1) * hx;
     let mut best: Option<Best> = None;
     println!(
         "{:<28} {:<8} {}  mean",
@@ -619,12 +638,24 @@ fn main() -> Result<()> {
         let scaling = InputScaling::fit(&all, h);
         drop(all);
         let total_words: usize = train.iter().map(Split::words).sum();
-        let mut x = Vec::with_capacity((total_words + 1) * h);
+        let mut x = Vec::with_capacity((total_words + 1) * hx);
         let mut y = Vec::new();
         let mut misc_open = Vec::new();
         for split in &train {
             let (xs, ys, open) = rows(split, kind, &scaling, !args.no_partial_misc);
-            x.extend(xs);
+            if args.word_shape {
+                let words = split
+                    .runs
+                    .iter()
+                    .flat_map(|r| &split.sentences[r.clone()])
+                    .flat_map(|s| &s.tokens);
+                for (row, word) in xs.chunks_exact(h).zip(words) {
+                    x.extend_from_slice(row);
+                    x.extend_from_slice(&word_shape(word));
+                }
+            } else {
+                x.extend(xs);
+            }
             y.extend(ys);
             misc_open.extend(open);
         }
@@ -638,11 +669,13 @@ fn main() -> Result<()> {
             misc_open.iter().filter(|&&o| o).count()
         );
         // One zero row past the end: padding and neighbours outside a run.
-        x.extend(std::iter::repeat_n(0f32, h));
-        let x = Tensor::from_vec(x, (n + 1, h), &Device::Cpu)?;
-        let masks = allowed_masks(&y, &misc_open);
+        x.extend(std::iter::repeat_n(0f32, hx));
+        let x = Tensor::from_vec(x, (n + 1, hx), &Device::Cpu)?;
+        let mut masks = allowed_masks(&y, &misc_open);
         drop((y, misc_open));
-        let masks = Tensor::from_vec(masks, (n, Tag::COUNT), &Device::Cpu)?;
+        // Padding (row n) allows every tag: its alpha is frozen in the CRF loss anyway.
+        masks.extend(std::iter::repeat_n(0f32, Tag::COUNT));
+        let masks = Tensor::from_vec(masks, (n + 1, Tag::COUNT), &Device::Cpu)?;
         // (first row, words) of every training run, in file order, per language.
         let mut runs_by_lang: Vec<Vec<(usize, usize)>> = Vec::new();
         let mut at = 0;
@@ -672,12 +705,20 @@ fn main() -> Result<()> {
                 .join(", ")
         );
         let varmap = VarMap::new();
-        let net = NerNet::load(
-            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-            width,
-            args.hidden,
-            &args.dilations,
-        )?;
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let net = NerNet::load(vb.clone(), width, args.hidden, &args.dilations)?;
+        let transitions = if args.crf {
+            let (start_c, pairs_c) = crf::training_constraints(&Device::Cpu)?;
+            let start = vb.get_with_hints(Tag::COUNT, "crf.start", candle_nn::Init::Const(0.0))?;
+            let pairs = vb.get_with_hints(
+                (Tag::COUNT, Tag::COUNT),
+                "crf.transitions",
+                candle_nn::Init::Const(0.0),
+            )?;
+            Some((start, pairs, start_c, pairs_c))
+        } else {
+            None
+        };
         let mut opt = AdamW::new(
             varmap.all_vars(),
             ParamsAdamW {
@@ -720,8 +761,14 @@ fn main() -> Result<()> {
                 let mut slots: Vec<Vec<u32>> = offsets.clone().map(|_| Vec::new()).collect();
                 let mut real = Vec::new();
                 let mut targets = Vec::new();
+                let mut positions = Vec::new();
                 for (b, &(first, words)) in chunk.iter().enumerate() {
                     for t in 0..len {
+                        positions.push(if t < words {
+                            (first + t) as u32
+                        } else {
+                            n as u32
+                        });
                         for (slot, o) in slots.iter_mut().zip(offsets.clone()) {
                             let j = t as isize + o;
                             slot.push(if t < words && j >= 0 && (j as usize) < words {
@@ -744,15 +791,28 @@ fn main() -> Result<()> {
                     })
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 let xb = Tensor::cat(&parts, 1)?.reshape((chunk.len(), len, width))?;
-                let logits = net
-                    .forward(&xb, &lengths, args.dropout)?
-                    .reshape((chunk.len() * len, Tag::COUNT))?;
+                let logits = net.forward(&xb, &lengths, args.dropout)?;
                 let real_n = real.len();
-                let real = Tensor::from_vec(real, real_n, &Device::Cpu)?;
-                let targets = Tensor::from_vec(targets, real_n, &Device::Cpu)?;
-                let log_p = candle_nn::ops::log_softmax(&logits.index_select(&real, 0)?, 1)?;
-                let allowed = masks.index_select(&targets, 0)?;
-                let loss = (log_p + allowed)?.log_sum_exp(1)?.mean_all()?.neg()?;
+                let loss = if let Some((start, pairs, start_c, pairs_c)) = &transitions {
+                    let k = positions.len();
+                    let allowed = masks
+                        .index_select(&Tensor::from_vec(positions, k, &Device::Cpu)?, 0)?
+                        .reshape((chunk.len(), len, Tag::COUNT))?;
+                    crf::negative_log_likelihood(
+                        &logits,
+                        &allowed,
+                        &lengths,
+                        &(start + start_c)?,
+                        &(pairs + pairs_c)?,
+                    )?
+                } else {
+                    let logits = logits.reshape((chunk.len() * len, Tag::COUNT))?;
+                    let real = Tensor::from_vec(real, real_n, &Device::Cpu)?;
+                    let targets = Tensor::from_vec(targets, real_n, &Device::Cpu)?;
+                    let log_p = candle_nn::ops::log_softmax(&logits.index_select(&real, 0)?, 1)?;
+                    let allowed = masks.index_select(&targets, 0)?;
+                    (log_p + allowed)?.log_sum_exp(1)?.mean_all()?.neg()?
+                };
                 opt.backward_step(&loss)?;
                 total += loss.to_scalar::<f32>()? * real_n as f32;
                 seen += real_n;
@@ -774,7 +834,16 @@ fn main() -> Result<()> {
         }
         eprintln!();
         let tensors = head_tensors(&varmap, &scaling)?;
-        let head = NerHead::new(scaling, net, args.context, false, &Device::Cpu);
+        let learned = match &transitions {
+            Some((start, pairs, _, _)) => Some(Transitions::new(
+                &start.to_vec1()?,
+                &pairs.flatten_all()?.to_vec1()?,
+            )),
+            None => None,
+        };
+        let head = NerHead::new(scaling, net, args.context, false, &Device::Cpu)
+            .with_word_shape(args.word_shape)
+            .with_transitions(learned);
         let [argmax, viterbi_scores] = score_dev(&head, &dev, kind)?;
         let [argmax_lower, viterbi_lower] = score_dev(&head, &dev_lower, kind)?;
         for (viterbi, scores, scores_lower) in [
@@ -893,6 +962,8 @@ fn write_head(
         context,
         pack_words: args.pack_words,
         viterbi,
+        word_shape: args.word_shape,
+        crf: args.crf,
         seed: args.seed,
         epochs: args.epochs,
         dev: scores,

@@ -29,8 +29,8 @@ use sha2::{Digest, Sha256};
 use themescan::heads::theme::{mean_row, Aggregation, Platt, THEME_HEAD_CARD, THEME_HEAD_WEIGHTS};
 use themescan::heads::{Pooling, ThemeCard, ThemeHead};
 use themescan::train::{
-    best_threshold, expected_calibration_error, fit_platt, is_dev_story, macro_f1,
-    read_theme_examples, story_fold, theme_metrics,
+    best_threshold, best_threshold_within, expected_calibration_error, fit_platt, is_dev_story,
+    macro_f1, read_theme_examples, story_fold, theme_metrics,
 };
 use themescan::{CpuPath, Embedder, ModelSource, Theme};
 
@@ -109,6 +109,10 @@ struct Args {
     /// Theme sets: learning rate of a few-shot row.
     #[arg(long, default_value_t = 1e-2)]
     set_lr: f64,
+    /// Built-in head: each theme's threshold is the one nearest 0.5 among those whose
+    /// cross-validated F1 is within this much of the best (0: the best)
+    #[arg(long, default_value_t = 0.0)]
+    threshold_tolerance: f64,
     /// Hidden width of the MLP (0: a linear head).
     #[arg(long, default_value_t = 128)]
     hidden: usize,
@@ -711,7 +715,9 @@ fn main() -> Result<()> {
             .collect()
     };
     let calibrated: Vec<Vec<f32>> = raw.iter().map(calibrate).collect();
-    let (thresholds, _) = tune(&calibrated, &train_gold);
+    let thresholds = per_theme(&calibrated, &train_gold, |s, g| {
+        best_threshold_within(s, g, args.threshold_tolerance)
+    });
     eprintln!(
         "aggregation {aggregation:?}; cross-validated ECE {:.4} raw, {:.4} calibrated",
         ece(raw, &train_gold),

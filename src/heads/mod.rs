@@ -3,6 +3,7 @@
 //! Heads are candle-nn modules stored as safetensors with a JSON card; they know nothing of
 //! files beyond their own, or of devices beyond the one they are given.
 
+pub mod crf;
 pub mod dense;
 pub mod ner;
 pub mod theme;

@@ -6,6 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, Module, VarBuilder};
 
+use super::crf::Transitions;
 use super::dense::DenseLayer;
 use crate::embedder::{TokenSource, WordPooling};
 use crate::entities::{decode_bio, repair_bio, EntityLabel, Tag};
@@ -64,9 +65,17 @@ pub struct NerCard {
     /// Words per run of consecutive sentences when tagging pre-split sentences
     /// ([`crate::Analyzer::tag_words`]), as in training.
     pub pack_words: usize,
-    /// Whether tags are decoded by BIO-constrained Viterbi ([`crate::entities::decode_bio`])
-    /// rather than per-word argmax followed by [`crate::entities::repair_bio`].
+    /// Whether tags are decoded by BIO-constrained Viterbi ([`crate::entities::decode_bio`], or
+    /// [`Transitions::viterbi`] with `crf`) rather than per-word argmax followed by
+    /// [`crate::entities::repair_bio`].
     pub viterbi: bool,
+    /// Whether each word's row ends with its [`word_shape`] (after the encoder's state).
+    #[serde(default)]
+    pub word_shape: bool,
+    /// Whether the head has learned tag transitions (`crf.start`, `crf.transitions`; see
+    /// [`super::crf`]) trained with it end to end.
+    #[serde(default)]
+    pub crf: bool,
     /// Seed and epochs.
     pub seed: u64,
     /// Epochs of training.
@@ -99,6 +108,67 @@ pub fn with_context(words: &[f32], hidden: usize, context: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+/// Width of [`word_shape`].
+pub const WORD_SHAPE_WIDTH: usize = 14;
+
+/// How a word is written, as 0/1 features: capitalisation (first letter, all capitals, a
+/// capital inside, none), digits, punctuation, inner joiners (`-`, `'`, `.`), script (Latin,
+/// Cyrillic, Arabic, other), a single character, sentence-final punctuation.
+///
+/// The encoder sees a word as sub-tokens whose states carry its spelling only indirectly; a
+/// name's capital letter, the all-capitals of an acronym or the digits of a date are cheap and
+/// strong cues that the head otherwise has to dig out of 384 dimensions.
+///
+/// ```
+/// use themescan::heads::ner::word_shape;
+/// let nato = word_shape("NATO");
+/// assert_eq!((nato[0], nato[1], nato[8]), (1.0, 1.0, 1.0)); // capital, all capitals, Latin
+/// assert_eq!(word_shape("2024")[5], 1.0); // all digits
+/// ```
+pub fn word_shape(word: &str) -> [f32; WORD_SHAPE_WIDTH] {
+    let mut f = [0f32; WORD_SHAPE_WIDTH];
+    let chars: Vec<char> = word.chars().collect();
+    let Some(&first) = chars.first() else {
+        return f;
+    };
+    let letters: Vec<char> = chars
+        .iter()
+        .copied()
+        .filter(|c| c.is_alphabetic())
+        .collect();
+    let upper = letters.iter().filter(|c| c.is_uppercase()).count();
+    let cased = letters
+        .iter()
+        .filter(|c| c.is_uppercase() || c.is_lowercase())
+        .count();
+    let on = |b: bool| if b { 1.0 } else { 0.0 };
+    f[0] = on(first.is_uppercase());
+    f[1] = on(upper >= 2 && upper == cased);
+    f[2] = on(upper > 0 && upper < cased && chars[1..].iter().any(|c| c.is_uppercase()));
+    f[3] = on(cased > 0 && upper == 0);
+    f[4] = on(chars.iter().any(|c| c.is_numeric()));
+    f[5] = on(chars.iter().all(|c| c.is_numeric()));
+    f[6] = on(chars.iter().all(|c| !c.is_alphanumeric()));
+    f[7] = on(chars.len() > 2
+        && chars[1..chars.len() - 1]
+            .iter()
+            .any(|c| matches!(c, '-' | '\'' | '’' | '.')));
+    let script = |c: char| match c as u32 {
+        0x41..=0x5A | 0x61..=0x7A | 0xC0..=0x24F | 0x1E00..=0x1EFF => 8,
+        0x400..=0x52F => 9,
+        0x600..=0x6FF | 0x750..=0x77F | 0x8A0..=0x8FF | 0xFB50..=0xFDFF | 0xFE70..=0xFEFF => 10,
+        _ => 11,
+    };
+    for &c in &letters {
+        f[script(c)] = 1.0;
+    }
+    f[12] = on(chars.len() == 1);
+    f[13] = on(chars
+        .iter()
+        .all(|c| matches!(c, '.' | '!' | '?' | '…' | '؟' | '。')));
+    f
 }
 
 /// Per-feature standardisation of word rows, fitted on the training rows. The encoder's states
@@ -257,9 +327,10 @@ impl NerNet {
     }
 }
 
-/// The NER head: word feature rows → BIO tags. Standardises each word's row, joins its
-/// neighbours' ([`with_context`]), scores the tags with a small MLP and decodes a valid BIO
-/// sequence.
+/// The NER head: word feature rows → BIO tags. Standardises each word's row, appends its
+/// [`word_shape`] if the head was trained with one, joins its neighbours' ([`with_context`]),
+/// scores the tags with [`NerNet`] and decodes a valid BIO sequence (with learned
+/// [`Transitions`] if it has them).
 #[derive(Debug, Clone)]
 pub struct NerHead {
     scaling: InputScaling,
@@ -268,6 +339,8 @@ pub struct NerHead {
     host: Option<HostNerNet>,
     context: usize,
     viterbi: bool,
+    word_shape: bool,
+    transitions: Option<Transitions>,
     device: Device,
 }
 
@@ -326,7 +399,8 @@ fn join_neighbours_host(x: &[f32], words: usize, width: usize, dilation: usize) 
 }
 
 impl NerHead {
-    /// Assembles a head from its parts.
+    /// Assembles a head from its parts: no word shape, no learned transitions (see
+    /// [`NerHead::with_word_shape`] and [`NerHead::with_transitions`]).
     pub fn new(
         scaling: InputScaling,
         net: NerNet,
@@ -340,8 +414,22 @@ impl NerHead {
             host: None,
             context,
             viterbi,
+            word_shape: false,
+            transitions: None,
             device: device.clone(),
         }
+    }
+
+    /// The head with each word's row followed by its [`word_shape`].
+    pub fn with_word_shape(mut self, word_shape: bool) -> Self {
+        self.word_shape = word_shape;
+        self
+    }
+
+    /// The head with learned tag transitions, used for decoding and per-word confidence.
+    pub fn with_transitions(mut self, transitions: Option<Transitions>) -> Self {
+        self.transitions = transitions;
+        self
     }
 
     /// Loads `ner.safetensors` and `ner.json` from `folder`.
@@ -366,73 +454,154 @@ impl NerHead {
                 message: format!("tags {:?} do not match {:?}", card.tags, expected),
             });
         }
-        let word_width = card.input_size / (2 * card.context + 1);
-        if word_width * (2 * card.context + 1) != card.input_size {
+        let row_width = card.input_size / (2 * card.context + 1);
+        let shape_width = if card.word_shape { WORD_SHAPE_WIDTH } else { 0 };
+        if row_width * (2 * card.context + 1) != card.input_size || row_width <= shape_width {
             return Err(Error::Config {
                 path: card_path,
                 message: format!(
-                    "input_size {} is not a multiple of the {} joined words",
+                    "input_size {} is not a multiple of the {} joined words{}",
                     card.input_size,
-                    2 * card.context + 1
+                    2 * card.context + 1,
+                    if card.word_shape {
+                        " with a word-shape channel"
+                    } else {
+                        ""
+                    }
                 ),
             });
         }
+        let state_width = row_width - shape_width;
         let data = std::fs::read(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
         let vb = VarBuilder::from_buffered_safetensors(data, DType::F32, device)?;
         let scaling = InputScaling {
-            mean: vb.get(word_width, "input.mean")?.to_vec1()?,
-            inv_std: vb.get(word_width, "input.inv_std")?.to_vec1()?,
+            mean: vb.get(state_width, "input.mean")?.to_vec1()?,
+            inv_std: vb.get(state_width, "input.inv_std")?.to_vec1()?,
+        };
+        let transitions = if card.crf {
+            Some(Transitions::new(
+                &vb.get(Tag::COUNT, "crf.start")?.to_vec1()?,
+                &vb.get((Tag::COUNT, Tag::COUNT), "crf.transitions")?
+                    .flatten_all()?
+                    .to_vec1()?,
+            ))
+        } else {
+            None
         };
         let net = NerNet::load(vb, card.input_size, card.hidden_size, &card.dilations)?;
-        let mut head = NerHead::new(scaling, net, card.context, card.viterbi, device);
+        let mut head = NerHead::new(scaling, net, card.context, card.viterbi, device)
+            .with_word_shape(card.word_shape)
+            .with_transitions(transitions);
         if device.is_cpu() {
             head.host = Some(HostNerNet::from_net(&head.net)?);
         }
         Ok((head, card))
     }
 
-    /// Width of one word's feature row (before neighbours are joined).
+    /// Width of one word's encoder state (what the caller passes per word).
     pub fn word_width(&self) -> usize {
         self.scaling.mean.len()
     }
 
-    /// Per-word log-probabilities of the tags, `[words][Tag::COUNT]`, for the row-major word
-    /// rows `[words, word_width]` of one run of text.
-    ///
-    /// # Errors
-    /// A tensor error.
-    pub fn log_probs(&self, word_rows: &[f32]) -> Result<Vec<Vec<f32>>> {
-        let words = word_rows.len() / self.word_width().max(1);
-        if words == 0 {
+    /// Per-word tag scores `[words][Tag::COUNT]` before normalisation, for the row-major word
+    /// states `[words, word_width]` of one run of text and the words themselves.
+    fn emissions<S: AsRef<str>>(&self, word_rows: &[f32], words: &[S]) -> Result<Vec<Vec<f32>>> {
+        let h = self.word_width();
+        let n = word_rows.len() / h.max(1);
+        if n == 0 {
             return Ok(Vec::new());
         }
         let mut rows = word_rows.to_vec();
         self.scaling.apply(&mut rows);
-        let joined = with_context(&rows, self.word_width(), self.context);
-        let width = joined.len() / words;
+        if self.word_shape {
+            if words.len() != n {
+                return Err(Error::Setting(format!(
+                    "the NER head reads the words' shapes: {} words given for {n} word states",
+                    words.len()
+                )));
+            }
+            let mut shaped = Vec::with_capacity(n * (h + WORD_SHAPE_WIDTH));
+            for (row, word) in rows.chunks_exact(h).zip(words) {
+                shaped.extend_from_slice(row);
+                shaped.extend_from_slice(&word_shape(word.as_ref()));
+            }
+            rows = shaped;
+        }
+        let row_width = rows.len() / n;
+        let joined = with_context(&rows, row_width, self.context);
+        let width = joined.len() / n;
         if let Some(host) = &self.host {
-            let logits = host.forward(&joined, words);
+            let logits = host.forward(&joined, n);
             return Ok(logits
                 .chunks_exact(Tag::COUNT)
-                .map(|row| {
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let log_sum = row.iter().map(|v| (v - max).exp()).sum::<f32>().ln() + max;
-                    row.iter().map(|v| v - log_sum).collect()
-                })
+                .map(<[f32]>::to_vec)
                 .collect());
         }
-        let x = Tensor::from_vec(joined, (1, words, width), &self.device)?;
-        let logits = self.net.forward(&x, &[words], 0.0)?.squeeze(0)?;
-        Ok(candle_nn::ops::log_softmax(&logits, 1)?.to_vec2()?)
+        let x = Tensor::from_vec(joined, (1, n, width), &self.device)?;
+        Ok(self.net.forward(&x, &[n], 0.0)?.squeeze(0)?.to_vec2()?)
     }
 
-    /// Tags and per-word confidence (probability of the chosen tag) for one run of words.
+    /// Per-word log-probabilities of the tags, `[words][Tag::COUNT]`, for the row-major word
+    /// states `[words, word_width]` of one run of text and its words (read only by a head
+    /// with a word-shape channel): with learned transitions, the marginals over valid paths;
+    /// otherwise each word's softmax.
     ///
     /// # Errors
-    /// A tensor error.
-    pub fn tag(&self, word_rows: &[f32]) -> Result<(Vec<Tag>, Vec<f32>)> {
-        let log_probs = self.log_probs(word_rows)?;
-        let tags = decode(&log_probs, self.viterbi);
+    /// A tensor error; [`Error::Setting`] if the head reads word shapes and `words` does not
+    /// match the rows.
+    pub fn log_probs<S: AsRef<str>>(
+        &self,
+        word_rows: &[f32],
+        words: &[S],
+    ) -> Result<Vec<Vec<f32>>> {
+        let emissions = self.emissions(word_rows, words)?;
+        Ok(self.normalise(&emissions))
+    }
+
+    fn normalise(&self, emissions: &[Vec<f32>]) -> Vec<Vec<f32>> {
+        if let Some(t) = &self.transitions {
+            return t.log_marginals(emissions);
+        }
+        emissions
+            .iter()
+            .map(|row| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let log_sum = row.iter().map(|v| (v - max).exp()).sum::<f32>().ln() + max;
+                row.iter().map(|v| v - log_sum).collect()
+            })
+            .collect()
+    }
+
+    /// Tags and per-word confidence (probability of the chosen tag) for one run of words,
+    /// decoded as the head's card says.
+    ///
+    /// # Errors
+    /// As [`NerHead::log_probs`].
+    pub fn tag<S: AsRef<str>>(
+        &self,
+        word_rows: &[f32],
+        words: &[S],
+    ) -> Result<(Vec<Tag>, Vec<f32>)> {
+        self.tag_with(word_rows, words, self.viterbi)
+    }
+
+    /// As [`NerHead::tag`], choosing the decoder: the best valid path (`viterbi`, with the
+    /// learned transitions if any) or per-word argmax then [`repair_bio`].
+    ///
+    /// # Errors
+    /// As [`NerHead::log_probs`].
+    pub fn tag_with<S: AsRef<str>>(
+        &self,
+        word_rows: &[f32],
+        words: &[S],
+        viterbi: bool,
+    ) -> Result<(Vec<Tag>, Vec<f32>)> {
+        let emissions = self.emissions(word_rows, words)?;
+        let log_probs = self.normalise(&emissions);
+        let tags = match (&self.transitions, viterbi) {
+            (Some(t), true) => t.viterbi(&emissions),
+            _ => decode(&log_probs, viterbi),
+        };
         let scores = tags
             .iter()
             .zip(&log_probs)
@@ -462,7 +631,30 @@ pub fn decode(log_probs: &[Vec<f32>], viterbi: bool) -> Vec<Tag> {
 
 #[cfg(test)]
 mod tests {
-    use super::with_context;
+    use super::{with_context, word_shape};
+
+    #[test]
+    fn word_shape_reads_case_digits_punctuation_and_script() {
+        let on = |w: &str| -> Vec<usize> {
+            word_shape(w)
+                .iter()
+                .enumerate()
+                .filter(|(_, &v)| v == 1.0)
+                .map(|(i, _)| i)
+                .collect()
+        };
+        assert_eq!(on("Amsterdam"), vec![0, 8]);
+        assert_eq!(on("amsterdam"), vec![3, 8]);
+        assert_eq!(on("McDonald"), vec![0, 2, 8]);
+        assert_eq!(on("Москва"), vec![0, 9]);
+        assert_eq!(on("داعش"), vec![10]);
+        assert_eq!(on("U.S."), vec![0, 1, 7, 8]);
+        assert_eq!(on("1990"), vec![4, 5]);
+        assert_eq!(on("."), vec![6, 12, 13]);
+        assert_eq!(on("«"), vec![6, 12]);
+        assert_eq!(on("हिंदी"), vec![11]);
+        assert!(on("").is_empty());
+    }
 
     #[test]
     fn context_appends_neighbours_with_zero_padding() {

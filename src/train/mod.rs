@@ -238,26 +238,35 @@ pub fn macro_f1(metrics: &[ThemeMetrics]) -> f64 {
 
 /// The threshold on `scores` that maximises F1 against `gold` (ties: the one nearest 0.5).
 pub fn best_threshold(scores: &[f32], gold: &[bool]) -> f32 {
-    let mut best = (f64::MIN, 0.5f32);
-    for step in 1..100 {
-        let t = step as f32 / 100.0;
-        let (mut tp, mut fp, mut fn_) = (0, 0, 0);
-        for (&s, &g) in scores.iter().zip(gold) {
-            match (g, s >= t) {
-                (true, true) => tp += 1,
-                (false, true) => fp += 1,
-                (true, false) => fn_ += 1,
-                _ => {}
+    best_threshold_within(scores, gold, 0.0)
+}
+
+/// The threshold nearest 0.5 among those whose F1 on `scores` against `gold` is within
+/// `tolerance` of the best. On calibrated scores 0.5 is where a theme becomes more likely
+/// than not; the F1 curve is often flat near its top, and there the exact argmax moves from
+/// one training run to the next with the noise of a few texts.
+pub fn best_threshold_within(scores: &[f32], gold: &[bool], tolerance: f64) -> f32 {
+    let curve: Vec<(f32, f64)> = (1..100)
+        .map(|step| {
+            let t = step as f32 / 100.0;
+            let (mut tp, mut fp, mut fn_) = (0, 0, 0);
+            for (&s, &g) in scores.iter().zip(gold) {
+                match (g, s >= t) {
+                    (true, true) => tp += 1,
+                    (false, true) => fp += 1,
+                    (true, false) => fn_ += 1,
+                    _ => {}
+                }
             }
-        }
-        let f = prf(tp, fp, fn_).2;
-        let better = f > best.0 + 1e-12
-            || ((f - best.0).abs() <= 1e-12 && (t - 0.5).abs() < (best.1 - 0.5).abs());
-        if better {
-            best = (f, t);
-        }
-    }
-    best.1
+            (t, prf(tp, fp, fn_).2)
+        })
+        .collect();
+    let top = curve.iter().map(|c| c.1).fold(f64::MIN, f64::max);
+    curve
+        .iter()
+        .filter(|c| c.1 >= top - tolerance - 1e-12)
+        .min_by(|a, b| (a.0 - 0.5).abs().total_cmp(&(b.0 - 0.5).abs()))
+        .map_or(0.5, |c| c.0)
 }
 
 #[cfg(test)]
@@ -320,6 +329,22 @@ mod tests {
     fn threshold_separates_perfectly_separable_scores() {
         let t = best_threshold(&[0.1, 0.2, 0.7, 0.9], &[false, false, true, true]);
         assert!(t > 0.2 && t <= 0.7, "{t}");
+    }
+
+    #[test]
+    fn a_tolerance_moves_the_threshold_along_a_flat_top_towards_one_half() {
+        // Positives at 0.305, 0.325, ... 0.485 and 0.55 ... 0.955; one negative at 0.325. All
+        // positives and one false positive (thresholds up to 0.30) is the best F1, 0.976;
+        // 0.33 and 0.34 drop the negative and two positives (0.947); 0.35 loses one more.
+        let mut scores: Vec<f32> = (0..10).map(|i| 0.305 + i as f32 * 0.02).collect();
+        scores.extend((0..10).map(|i| 0.55 + i as f32 * 0.045));
+        let mut gold = vec![true; 20];
+        scores.push(0.325);
+        gold.push(false);
+        assert_eq!(best_threshold_within(&scores, &gold, 0.0), 0.30);
+        assert_eq!(best_threshold_within(&scores, &gold, 0.03), 0.34);
+        // A tolerance as wide as the whole curve gives 0.5 itself.
+        assert_eq!(best_threshold_within(&scores, &gold, 1.0), 0.5);
     }
 
     #[test]
