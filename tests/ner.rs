@@ -214,6 +214,10 @@ fn assert_long_text_covered(text: &str, cities: &[&str]) {
         .filter(|e| cities.contains(&e.text.as_str()))
         .count();
     assert!(places >= 100, "cities found {places} times of 120");
+    // A mention's score is a probability, however long the text it was decoded in.
+    for e in &entities {
+        assert!((0.0..=1.0 + 1e-4).contains(&e.score), "{e:?}");
+    }
 }
 
 /// Issue 13: a French news paragraph (written for this test) yields its people,

@@ -165,6 +165,12 @@ impl Transitions {
                 }
                 *n += e[to];
             }
+            // Only differences between paths matter; without this the scores of a long
+            // article grow until f32 rounding decides between them.
+            let top = next.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if top.is_finite() {
+                next.iter_mut().for_each(|v| *v -= top);
+            }
             back.push(from);
             score = next;
         }
@@ -180,7 +186,8 @@ impl Transitions {
     }
 
     /// Per-word log-marginals `[words][Tag::COUNT]` (forward-backward): the log-probability
-    /// that a word carries each tag, over all valid paths.
+    /// that a word carries each tag, over all valid paths. Forward and backward scores are
+    /// renormalised at every word, so a text of thousands of words loses no precision.
     pub fn log_marginals(&self, emissions: &[Vec<f32>]) -> Vec<Vec<f32>> {
         let c = Tag::COUNT;
         let n = emissions.len();
@@ -195,16 +202,26 @@ impl Transitions {
             }
             xs.iter().map(|x| (x - max).exp()).sum::<f32>().ln() + max
         };
+        // Each row is shifted by its own log-sum: a constant per word, which the final
+        // per-word normalisation removes.
+        let normalise = |row: &mut Vec<f32>| {
+            let total = log_sum(&mut row.iter().copied());
+            if total.is_finite() {
+                row.iter_mut().for_each(|v| *v -= total);
+            }
+        };
         let mut alpha = vec![vec![0f32; c]; n];
         for i in 0..c {
             alpha[0][i] = emissions[0][i] + self.start[i];
         }
+        normalise(&mut alpha[0]);
         for t in 1..n {
             for to in 0..c {
                 let prev = &alpha[t - 1];
                 alpha[t][to] = log_sum(&mut (0..c).map(|p| prev[p] + self.pairs[p * c + to]))
                     + emissions[t][to];
             }
+            normalise(&mut alpha[t]);
         }
         let mut beta = vec![vec![0f32; c]; n];
         for t in (0..n - 1).rev() {
@@ -214,12 +231,16 @@ impl Transitions {
                 beta[t][from] =
                     log_sum(&mut (0..c).map(|k| self.pairs[from * c + k] + e[k] + next[k]));
             }
+            normalise(&mut beta[t]);
         }
-        let log_z = log_sum(&mut alpha[n - 1].iter().copied());
         alpha
             .iter()
             .zip(&beta)
-            .map(|(a, b)| a.iter().zip(b).map(|(a, b)| a + b - log_z).collect())
+            .map(|(a, b)| {
+                let mut row: Vec<f32> = a.iter().zip(b).map(|(a, b)| a + b).collect();
+                normalise(&mut row);
+                row
+            })
             .collect()
     }
 }
@@ -297,6 +318,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn long_texts_keep_probabilities_and_paths() {
+        // Thousands of words with large scores: marginals still sum to one, and Viterbi
+        // matches the path found on short pieces cut where one tag is certain.
+        let t = learned(3);
+        let mut e = emissions(6_000, 29);
+        for row in &mut e {
+            row.iter_mut().for_each(|v| *v *= 10.0);
+        }
+        for (w, row) in t.log_marginals(&e).iter().enumerate() {
+            let total: f32 = row.iter().map(|v| v.exp()).sum();
+            assert!((total - 1.0).abs() < 1e-3, "word {w}: {total}");
+            assert!(row.iter().all(|v| *v <= 1e-4), "word {w}: {row:?}");
+        }
+        // Word 3000 is certainly `O`: the path splits there into independent halves.
+        for (i, v) in e[3_000].iter_mut().enumerate() {
+            *v = if i == Tag::O.index() { 1e3 } else { -1e3 };
+        }
+        let whole = t.viterbi(&e);
+        assert_eq!(whole[3_000], Tag::O);
+        let head = t.viterbi(&e[..3_001]);
+        assert_eq!(&whole[..3_001], head.as_slice());
     }
 
     #[test]
