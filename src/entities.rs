@@ -201,6 +201,15 @@ pub fn group_entities(mentions: &[Entity]) -> Vec<EntityGroup> {
     groups
 }
 
+/// Whether BIO allows `next` after `prev` (`None`: the first word): `I-X` only continues `B-X`
+/// or `I-X`.
+pub fn bio_allows(prev: Option<Tag>, next: Tag) -> bool {
+    match next {
+        Tag::I(l) => matches!(prev, Some(Tag::B(p) | Tag::I(p)) if p == l),
+        _ => true,
+    }
+}
+
 /// Repairs a BIO sequence: an `I-X` that does not continue an entity of type X becomes `B-X`.
 pub fn repair_bio(tags: &mut [Tag]) {
     let mut prev = Tag::O;
@@ -226,15 +235,11 @@ pub fn decode_bio(log_probs: &[Vec<f32>]) -> Vec<Tag> {
     let tags: Vec<Tag> = (0..Tag::COUNT)
         .map(|i| Tag::from_index(i).expect("in range"))
         .collect();
-    let allowed = |prev: Option<Tag>, next: Tag| match next {
-        Tag::I(l) => matches!(prev, Some(Tag::B(p) | Tag::I(p)) if p == l),
-        _ => true,
-    };
     let mut score: Vec<f32> = tags
         .iter()
         .zip(&log_probs[0])
         .map(|(&t, &lp)| {
-            if allowed(None, t) {
+            if bio_allows(None, t) {
                 lp
             } else {
                 f32::NEG_INFINITY
@@ -247,7 +252,7 @@ pub fn decode_bio(log_probs: &[Vec<f32>]) -> Vec<Tag> {
         let mut from = vec![0u8; Tag::COUNT];
         for (j, &t) in tags.iter().enumerate() {
             for (i, &p) in tags.iter().enumerate() {
-                if allowed(Some(p), t) && score[i] > next[j] {
+                if bio_allows(Some(p), t) && score[i] > next[j] {
                     next[j] = score[i];
                     from[j] = i as u8;
                 }

@@ -673,7 +673,8 @@ fn main() -> Result<()> {
         let x = Tensor::from_vec(x, (n + 1, hx), &Device::Cpu)?;
         let mut masks = allowed_masks(&y, &misc_open);
         drop((y, misc_open));
-        // Padding (row n) allows every tag: its alpha is frozen in the CRF loss anyway.
+        // Padding (row n) allows every tag: log Σ p = 0 for the softmax, and the CRF loss
+        // freezes its alpha anyway.
         masks.extend(std::iter::repeat_n(0f32, Tag::COUNT));
         let masks = Tensor::from_vec(masks, (n + 1, Tag::COUNT), &Device::Cpu)?;
         // (first row, words) of every training run, in file order, per language.
@@ -759,16 +760,8 @@ fn main() -> Result<()> {
                 // Row indices per neighbour offset, in `with_context`'s slot order.
                 let offsets = -(args.context as isize)..=args.context as isize;
                 let mut slots: Vec<Vec<u32>> = offsets.clone().map(|_| Vec::new()).collect();
-                let mut real = Vec::new();
-                let mut targets = Vec::new();
-                let mut positions = Vec::new();
-                for (b, &(first, words)) in chunk.iter().enumerate() {
+                for &(first, words) in chunk {
                     for t in 0..len {
-                        positions.push(if t < words {
-                            (first + t) as u32
-                        } else {
-                            n as u32
-                        });
                         for (slot, o) in slots.iter_mut().zip(offsets.clone()) {
                             let j = t as isize + o;
                             slot.push(if t < words && j >= 0 && (j as usize) < words {
@@ -777,12 +770,10 @@ fn main() -> Result<()> {
                                 n as u32
                             });
                         }
-                        if t < words {
-                            real.push((b * len + t) as u32);
-                            targets.push((first + t) as u32);
-                        }
                     }
                 }
+                // Each position's own row (offset 0), `n` for padding: whose label it carries.
+                let positions = slots[args.context].clone();
                 let parts = slots
                     .into_iter()
                     .map(|rows| {
@@ -792,12 +783,13 @@ fn main() -> Result<()> {
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 let xb = Tensor::cat(&parts, 1)?.reshape((chunk.len(), len, width))?;
                 let logits = net.forward(&xb, &lengths, args.dropout)?;
-                let real_n = real.len();
+                let real_n: usize = lengths.iter().sum();
+                let k = positions.len();
+                // Padding's mask row allows every tag, so it adds nothing to either loss.
+                let allowed =
+                    masks.index_select(&Tensor::from_vec(positions, k, &Device::Cpu)?, 0)?;
                 let loss = if let Some((start, pairs, start_c, pairs_c)) = &transitions {
-                    let k = positions.len();
-                    let allowed = masks
-                        .index_select(&Tensor::from_vec(positions, k, &Device::Cpu)?, 0)?
-                        .reshape((chunk.len(), len, Tag::COUNT))?;
+                    let allowed = allowed.reshape((chunk.len(), len, Tag::COUNT))?;
                     crf::negative_log_likelihood(
                         &logits,
                         &allowed,
@@ -807,11 +799,8 @@ fn main() -> Result<()> {
                     )?
                 } else {
                     let logits = logits.reshape((chunk.len() * len, Tag::COUNT))?;
-                    let real = Tensor::from_vec(real, real_n, &Device::Cpu)?;
-                    let targets = Tensor::from_vec(targets, real_n, &Device::Cpu)?;
-                    let log_p = candle_nn::ops::log_softmax(&logits.index_select(&real, 0)?, 1)?;
-                    let allowed = masks.index_select(&targets, 0)?;
-                    (log_p + allowed)?.log_sum_exp(1)?.mean_all()?.neg()?
+                    let log_p = candle_nn::ops::log_softmax(&logits, 1)?;
+                    ((log_p + allowed)?.log_sum_exp(1)?.sum_all()? / real_n as f64)?.neg()?
                 };
                 opt.backward_step(&loss)?;
                 total += loss.to_scalar::<f32>()? * real_n as f32;

@@ -12,21 +12,12 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::entities::Tag;
+use crate::entities::{bio_allows, Tag};
 use crate::error::Result;
 
 /// Score added to a forbidden transition in training: low enough that no path through it
 /// counts, finite so that gradients stay finite.
 const FORBIDDEN_IN_TRAINING: f32 = -1e4;
-
-/// Whether BIO allows `next` after `prev` (`None`: the first word): `I-X` only continues `B-X`
-/// or `I-X`.
-pub fn bio_allows(prev: Option<Tag>, next: Tag) -> bool {
-    match next {
-        Tag::I(l) => matches!(prev, Some(Tag::B(p) | Tag::I(p)) if p == l),
-        _ => true,
-    }
-}
 
 fn tag(i: usize) -> Tag {
     Tag::from_index(i).expect("index below Tag::COUNT")
