@@ -17,7 +17,7 @@ use candle_core::Device;
 
 use rayon::prelude::*;
 
-use crate::embedder::{Embedder, EmbedderBuilder, TextStates, TokenSource, WordPooling};
+use crate::embedder::{add_token_state, Embedder, EmbedderBuilder, TextStates, WordPooling};
 use crate::entities::{group_entities, repair_bio, Entity, EntityGroup, Tag};
 use crate::error::Result;
 use crate::heads::ner::{NerCard, NerHead, NER_HEAD_CARD};
@@ -272,7 +272,7 @@ impl AnalyzerBuilder {
         let mut layer_mean: Option<LayerMeanOf> = None;
         let ner_layer_mean = ner
             .as_ref()
-            .filter(|(_, (_, c))| c.token_source == TokenSource::LayerMean)
+            .filter(|(_, (_, c))| c.token_source.reads_layer_mean())
             .map(|(f, (_, c))| ((c.layers, c.layers_end), f.as_path(), "NER"));
         let set_layer_means = sets
             .iter()
@@ -301,13 +301,15 @@ impl AnalyzerBuilder {
             }
         }
         let embedder = embedder.build()?;
-        if let Some((folder, (head, _))) = &ner {
-            if head.word_width() != embedder.hidden_size() {
+        if let Some((folder, (head, card))) = &ner {
+            let width = card.token_source.width(embedder.hidden_size());
+            if head.word_width() != width {
                 return Err(crate::Error::Setting(format!(
-                    "the NER head in {} reads word states of width {}, but the encoder's are {}",
+                    "the NER head in {} reads word states of width {}, but the encoder's {:?} \
+                     states are {width} wide",
                     folder.display(),
                     head.word_width(),
-                    embedder.hidden_size()
+                    card.token_source
                 )));
             }
         }
@@ -708,7 +710,12 @@ impl Analyzer {
         if words.is_empty() {
             return Ok(Vec::new());
         }
-        let h = self.embedder.hidden_size();
+        let h = card.token_source.width(self.embedder.hidden_size());
+        let tables = states
+            .windows
+            .iter()
+            .map(|w| w.states(card.token_source))
+            .collect::<Result<Vec<_>>>()?;
         let mut rows: Vec<f32> = Vec::with_capacity(words.len() * h);
         for w in &words {
             let at = rows.len();
@@ -718,10 +725,7 @@ impl Analyzer {
                 WordPooling::Mean => w.tokens.len(),
             };
             for &(win, row) in &w.tokens[..take] {
-                let table = states.windows[win].states(card.token_source)?;
-                for (o, v) in rows[at..].iter_mut().zip(table.row(row)) {
-                    *o += v / take as f32;
-                }
+                add_token_state(&tables[win], row, take as f32, &mut rows[at..]);
             }
         }
         let spellings: Vec<&str> = words.iter().map(|w| &text[w.start..w.end]).collect();

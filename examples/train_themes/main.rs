@@ -507,7 +507,7 @@ fn layer_mean_for(pooling: Pooling, out: &Path) -> Result<Option<(usize, Option<
             .with_context(|| format!("reading {}", card.display()))?;
         let card: themescan::heads::ner::NerCard =
             serde_json::from_str(&text).with_context(|| format!("reading {}", card.display()))?;
-        if card.token_source == themescan::TokenSource::LayerMean {
+        if card.token_source.reads_layer_mean() {
             return Ok(Some((card.layers, card.layers_end)));
         }
     }

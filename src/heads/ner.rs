@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Linear, Module, VarBuilder};
 
 use super::crf::Transitions;
@@ -42,6 +42,12 @@ pub struct NerCard {
     /// Dilation of each word-mixing layer ([`NerNet`]); empty: none.
     #[serde(default)]
     pub dilations: Vec<usize>,
+    /// Heads of the word-attention layer after the mixing layers ([`WordAttention`]); 0: none.
+    #[serde(default)]
+    pub attention_heads: usize,
+    /// Words on each side that a word attends to ([`WordAttention`]).
+    #[serde(default)]
+    pub attention_span: usize,
     /// The encoder it was trained on.
     pub encoder: String,
     /// sha256 of the encoder layers fine-tuned with this head ([`super::ENCODER_LAYERS`]);
@@ -185,15 +191,23 @@ pub struct InputScaling {
 impl InputScaling {
     /// Mean and spread of each of `width` features over row-major `rows`.
     pub fn fit(rows: &[f32], width: usize) -> Self {
-        let n = (rows.len() / width.max(1)).max(1) as f64;
+        Self::fit_parts([rows], width)
+    }
+
+    /// As [`InputScaling::fit`] over the rows of several parts taken together, without
+    /// joining them (a corpus's features are gigabytes).
+    pub fn fit_parts<'a>(parts: impl IntoIterator<Item = &'a [f32]>, width: usize) -> Self {
+        let mut rows_seen = 0usize;
         let mut sum = vec![0f64; width];
         let mut sq = vec![0f64; width];
-        for row in rows.chunks_exact(width) {
+        for row in parts.into_iter().flat_map(|p| p.chunks_exact(width)) {
+            rows_seen += 1;
             for ((s, q), &v) in sum.iter_mut().zip(&mut sq).zip(row) {
                 *s += v as f64;
                 *q += (v as f64) * (v as f64);
             }
         }
+        let n = rows_seen.max(1) as f64;
         let mean: Vec<f32> = sum.iter().map(|s| (s / n) as f32).collect();
         let inv_std = sum
             .iter()
@@ -248,9 +262,144 @@ fn join_neighbours(x: &Tensor, dilation: usize) -> Result<Tensor> {
     Ok(Tensor::cat(&[&before, x, &after], 2)?)
 }
 
+/// The shape of a [`NerNet`], as the head's card records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NerNetConfig {
+    /// Width of a joined word row.
+    pub input_size: usize,
+    /// Width of the dense layer and everything after it.
+    pub hidden_size: usize,
+    /// Dilation of each word-mixing layer; empty: none.
+    pub dilations: Vec<usize>,
+    /// Heads of the word-attention layer; 0: no attention layer.
+    pub attention_heads: usize,
+    /// Words on each side that a word attends to.
+    pub attention_span: usize,
+}
+
+impl NerCard {
+    /// The shape of the head's network.
+    pub fn net_config(&self) -> NerNetConfig {
+        NerNetConfig {
+            input_size: self.input_size,
+            hidden_size: self.hidden_size,
+            dilations: self.dilations.clone(),
+            attention_heads: self.attention_heads,
+            attention_span: self.attention_span,
+        }
+    }
+}
+
+/// Additive attention bias `[batch, 1, len, len]`: 0 where query `i` may read key `j`
+/// (`|i − j| ≤ span` and `j` inside its sequence), a large negative number elsewhere.
+fn attention_bias(lengths: &[usize], len: usize, span: usize, device: &Device) -> Result<Tensor> {
+    let mut bias = Vec::with_capacity(lengths.len() * len * len);
+    for &n in lengths {
+        for i in 0..len {
+            bias.extend((0..len).map(|j| {
+                if j < n && i.abs_diff(j) <= span {
+                    0f32
+                } else {
+                    -1e9
+                }
+            }));
+        }
+    }
+    Ok(Tensor::from_vec(
+        bias,
+        (lengths.len(), 1, len, len),
+        device,
+    )?)
+}
+
+/// Layer normalisation written with differentiable tensor ops (candle-nn's fused kernel has no
+/// backward pass).
+fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let width = x.dim(D::Minus1)? as f64;
+    let centred = x.broadcast_sub(&(x.sum_keepdim(D::Minus1)? / width)?)?;
+    let var = (centred.sqr()?.sum_keepdim(D::Minus1)? / width)?;
+    let normed = centred.broadcast_div(&(var + LAYER_NORM_EPS)?.sqrt()?)?;
+    Ok(normed.broadcast_mul(weight)?.broadcast_add(bias)?)
+}
+
+const LAYER_NORM_EPS: f64 = 1e-5;
+
+/// Multi-head self-attention over the words of a run, each word reading the words within
+/// `span` of it: `x` `[batch, len, hidden]` → the update `[batch, len, hidden]` that
+/// [`NerNet`] adds to `x`.
+///
+/// The mixing layers see a dozen words either side; this layer lets a name's mention read its
+/// other mentions further away (a surname after the full name, an acronym after the
+/// organisation), all in a few batched matrix products. The span bounds what a word reads,
+/// so a long article costs linear time and sees what a training run (`pack_words`) saw.
+#[derive(Debug, Clone)]
+pub struct WordAttention {
+    norm_weight: Tensor,
+    norm_bias: Tensor,
+    qkv: Linear,
+    output: Linear,
+    heads: usize,
+    span: usize,
+}
+
+impl WordAttention {
+    /// Builds the layer under `vb` (`norm.weight`, `norm.bias`, `qkv`, `output`).
+    ///
+    /// # Errors
+    /// [`Error::Setting`] if `hidden` is not a multiple of `heads`; a tensor error if a
+    /// weight is missing or misshapen.
+    pub fn load(vb: VarBuilder<'_>, hidden: usize, heads: usize, span: usize) -> Result<Self> {
+        if heads == 0 || !hidden.is_multiple_of(heads) {
+            return Err(Error::Setting(format!(
+                "word attention: width {hidden} does not split into {heads} heads"
+            )));
+        }
+        Ok(WordAttention {
+            norm_weight: vb.get_with_hints(hidden, "norm.weight", candle_nn::Init::Const(1.0))?,
+            norm_bias: vb.get_with_hints(hidden, "norm.bias", candle_nn::Init::Const(0.0))?,
+            qkv: candle_nn::linear(hidden, 3 * hidden, vb.pp("qkv"))?,
+            output: candle_nn::linear(hidden, hidden, vb.pp("output"))?,
+            heads,
+            span,
+        })
+    }
+
+    /// The update for a padded batch whose real lengths are `lengths`.
+    ///
+    /// # Errors
+    /// A tensor error on a shape mismatch.
+    pub fn forward(&self, x: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let (batch, len, hidden) = x.dims3()?;
+        let head_width = hidden / self.heads;
+        let a = layer_norm(x, &self.norm_weight, &self.norm_bias)?;
+        // [batch, len, 3, heads, head_width] → three [batch, heads, len, head_width].
+        let qkv = self
+            .qkv
+            .forward(&a)?
+            .reshape((batch, len, 3, self.heads, head_width))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = (qkv.get(0)?.contiguous()? / (head_width as f64).sqrt())?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(&attention_bias(
+            lengths,
+            len,
+            self.span,
+            x.device(),
+        )?)?;
+        let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let read = weights
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((batch, len, hidden))?;
+        Ok(self.output.forward(&read)?)
+    }
+}
+
 /// The network of the head: joined word rows `[batch, len, input]` → a dense layer → residual
 /// layers that each mix a word with its neighbours at a growing distance (dilations 1, 2, 4...,
-/// so a few layers see a dozen words either side) → tag logits `[batch, len, Tag::COUNT]`.
+/// so a few layers see a dozen words either side) → optionally a residual [`WordAttention`]
+/// layer → tag logits `[batch, len, Tag::COUNT]`.
 ///
 /// The encoder's states are already contextual; these layers add what a per-word classifier
 /// lacks: agreement between neighbouring tags (an entity's words are tagged together). A BiLSTM
@@ -260,22 +409,20 @@ fn join_neighbours(x: &Tensor, dilation: usize) -> Result<Tensor> {
 pub struct NerNet {
     hidden: Linear,
     mixers: Vec<(Linear, usize)>,
+    attention: Option<WordAttention>,
     output: Linear,
 }
 
 impl NerNet {
-    /// Builds the network under `vb` (`hidden`, `mix.{i}`, `output`), one mixing layer per
-    /// entry of `dilations`.
+    /// Builds the network under `vb` (`hidden`, `mix.{i}`, `attention`, `output`).
     ///
     /// # Errors
-    /// A tensor error if a weight is missing or misshapen.
-    pub fn load(
-        vb: VarBuilder<'_>,
-        input_size: usize,
-        hidden_size: usize,
-        dilations: &[usize],
-    ) -> Result<Self> {
-        let mixers = dilations
+    /// A tensor error if a weight is missing or misshapen; [`Error::Setting`] for attention
+    /// heads that do not divide the width.
+    pub fn load(vb: VarBuilder<'_>, config: &NerNetConfig) -> Result<Self> {
+        let hidden_size = config.hidden_size;
+        let mixers = config
+            .dilations
             .iter()
             .enumerate()
             .map(|(i, &d)| {
@@ -285,9 +432,19 @@ impl NerNet {
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
+        let attention = match config.attention_heads {
+            0 => None,
+            heads => Some(WordAttention::load(
+                vb.pp("attention"),
+                hidden_size,
+                heads,
+                config.attention_span,
+            )?),
+        };
         Ok(NerNet {
-            hidden: candle_nn::linear(input_size, hidden_size, vb.pp("hidden"))?,
+            hidden: candle_nn::linear(config.input_size, hidden_size, vb.pp("hidden"))?,
             mixers,
+            attention,
             output: candle_nn::linear(hidden_size, Tag::COUNT, vb.pp("output"))?,
         })
     }
@@ -300,7 +457,7 @@ impl NerNet {
     pub fn forward(&self, x: &Tensor, lengths: &[usize], dropout: f32) -> Result<Tensor> {
         let (batch, len, _) = x.dims3()?;
         let mut x = self.hidden.forward(x)?.gelu_erf()?;
-        if !self.mixers.is_empty() {
+        if !self.mixers.is_empty() || self.attention.is_some() {
             // Padding must look like the zeros past the end of a sequence at inference.
             let mask: Vec<f32> = lengths
                 .iter()
@@ -318,6 +475,13 @@ impl NerNet {
                     .forward(&join_neighbours(&input, *dilation)?)?
                     .gelu_erf()?;
                 x = (x + mixed)?.broadcast_mul(&mask)?;
+            }
+            if let Some(attention) = &self.attention {
+                let mut update = attention.forward(&x, lengths)?;
+                if dropout > 0.0 {
+                    update = candle_nn::ops::dropout(&update, dropout)?;
+                }
+                x = (x + update)?.broadcast_mul(&mask)?;
             }
         }
         if dropout > 0.0 {
@@ -349,7 +513,80 @@ pub struct NerHead {
 struct HostNerNet {
     hidden: DenseLayer,
     mixers: Vec<(DenseLayer, usize)>,
+    attention: Option<HostWordAttention>,
     output: DenseLayer,
+}
+
+/// [`WordAttention`] on the host.
+#[derive(Debug, Clone)]
+struct HostWordAttention {
+    norm_weight: Vec<f32>,
+    norm_bias: Vec<f32>,
+    qkv: DenseLayer,
+    output: DenseLayer,
+    heads: usize,
+    span: usize,
+}
+
+impl HostWordAttention {
+    fn from_layer(layer: &WordAttention) -> Result<Self> {
+        Ok(HostWordAttention {
+            norm_weight: layer.norm_weight.to_vec1()?,
+            norm_bias: layer.norm_bias.to_vec1()?,
+            qkv: DenseLayer::from_linear(&layer.qkv)?,
+            output: DenseLayer::from_linear(&layer.output)?,
+            heads: layer.heads,
+            span: layer.span,
+        })
+    }
+
+    /// [`WordAttention::forward`] for one sequence `[words, width]`, reading only the keys
+    /// within the span (linear in the words, not quadratic).
+    fn forward(&self, x: &[f32], words: usize) -> Vec<f32> {
+        let width = self.norm_weight.len();
+        let mut a = x.to_vec();
+        for row in a.chunks_exact_mut(width) {
+            let mean = row.iter().sum::<f32>() / width as f32;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
+            let inv = 1.0 / (var + LAYER_NORM_EPS as f32).sqrt();
+            for ((v, w), b) in row.iter_mut().zip(&self.norm_weight).zip(&self.norm_bias) {
+                *v = (*v - mean) * inv * w + b;
+            }
+        }
+        let qkv = self.qkv.forward(&a);
+        let head_width = width / self.heads;
+        let scale = 1.0 / (head_width as f32).sqrt();
+        let mut read = vec![0f32; words * width];
+        let mut weights = Vec::with_capacity(2 * self.span + 1);
+        for i in 0..words {
+            let (from, to) = (i.saturating_sub(self.span), (i + self.span + 1).min(words));
+            for head in 0..self.heads {
+                let at = head * head_width;
+                let q = &qkv[i * 3 * width + at..i * 3 * width + at + head_width];
+                weights.clear();
+                weights.extend((from..to).map(|j| {
+                    let k =
+                        &qkv[j * 3 * width + width + at..j * 3 * width + width + at + head_width];
+                    q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
+                }));
+                let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut total = 0f32;
+                for w in weights.iter_mut() {
+                    *w = (*w - max).exp();
+                    total += *w;
+                }
+                let out = &mut read[i * width + at..i * width + at + head_width];
+                for (j, w) in (from..to).zip(&weights) {
+                    let v = &qkv[j * 3 * width + 2 * width + at
+                        ..j * 3 * width + 2 * width + at + head_width];
+                    for (o, v) in out.iter_mut().zip(v) {
+                        *o += w / total * v;
+                    }
+                }
+            }
+        }
+        self.output.forward(&read)
+    }
 }
 
 impl HostNerNet {
@@ -361,6 +598,11 @@ impl HostNerNet {
                 .iter()
                 .map(|(l, d)| Ok((DenseLayer::from_linear(l)?, *d)))
                 .collect::<Result<_>>()?,
+            attention: net
+                .attention
+                .as_ref()
+                .map(HostWordAttention::from_layer)
+                .transpose()?,
             output: DenseLayer::from_linear(&net.output)?,
         })
     }
@@ -375,6 +617,12 @@ impl HostNerNet {
             let mixed = layer.forward_gelu(&joined);
             for (h, m) in h.iter_mut().zip(&mixed) {
                 *h += m;
+            }
+        }
+        if let Some(attention) = &self.attention {
+            let update = attention.forward(&h, words);
+            for (h, u) in h.iter_mut().zip(&update) {
+                *h += u;
             }
         }
         self.output.forward(&h)
@@ -488,7 +736,7 @@ impl NerHead {
         } else {
             None
         };
-        let net = NerNet::load(vb, card.input_size, card.hidden_size, &card.dilations)?;
+        let net = NerNet::load(vb, &card.net_config())?;
         let mut head = NerHead::new(scaling, net, card.context, card.viterbi, device)
             .with_word_shape(card.word_shape)
             .with_transitions(transitions);
@@ -631,7 +879,73 @@ pub fn decode(log_probs: &[Vec<f32>], viterbi: bool) -> Vec<Tag> {
 
 #[cfg(test)]
 mod tests {
-    use super::{with_context, word_shape};
+    use super::{with_context, word_shape, HostNerNet, NerNet, NerNetConfig};
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::{VarBuilder, VarMap};
+
+    /// A randomly initialised network with mixers and span-3 attention.
+    fn random_net() -> NerNet {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let config = NerNetConfig {
+            input_size: 6,
+            hidden_size: 8,
+            dilations: vec![1, 2],
+            attention_heads: 2,
+            attention_span: 3,
+        };
+        NerNet::load(vb, &config).unwrap()
+    }
+
+    fn rows(words: usize, seed: f32) -> Vec<f32> {
+        (0..words * 6)
+            .map(|i| (i as f32 * 0.37 + seed).sin() * 2.0)
+            .collect()
+    }
+
+    #[test]
+    fn attention_net_on_host_matches_batched_tensors_and_ignores_padding() {
+        let net = random_net();
+        let host = HostNerNet::from_net(&net).unwrap();
+        let (long, short) = (12, 7);
+        let a = rows(long, 0.0);
+        let mut b = rows(short, 1.0);
+        let single = host.forward(&b, short);
+        b.extend(std::iter::repeat_n(5.0, (long - short) * 6)); // padding must not leak in
+        let mut batch = a.clone();
+        batch.extend(&b);
+        let x = Tensor::from_vec(batch, (2, long, 6), &Device::Cpu).unwrap();
+        let logits: Vec<Vec<Vec<f32>>> = net
+            .forward(&x, &[long, short], 0.0)
+            .unwrap()
+            .to_vec3()
+            .unwrap();
+        let want_a: Vec<f32> = logits[0].concat();
+        let want_b: Vec<f32> = logits[1][..short].concat();
+        for (got, want) in [(host.forward(&a, long), want_a), (single, want_b)] {
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-4, "{g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn attention_reads_only_within_its_span() {
+        let net = random_net();
+        let host = HostNerNet::from_net(&net).unwrap();
+        let words = 40;
+        let a = rows(words, 0.0);
+        let mut b = a.clone();
+        for v in &mut b[39 * 6..] {
+            *v += 3.0; // change the last word only
+        }
+        let (la, lb) = (host.forward(&a, words), host.forward(&b, words));
+        let width = la.len() / words;
+        // Mixers reach 1 + 2 words, attention 3 more: word 39 cannot reach word 39 − 7.
+        assert_eq!(la[..32 * width], lb[..32 * width]);
+        assert_ne!(la[38 * width..], lb[38 * width..]);
+    }
 
     #[test]
     fn word_shape_reads_case_digits_punctuation_and_script() {
