@@ -664,7 +664,7 @@ fn main() -> Result<()> {
         let mut x = Vec::with_capacity((total_words + 1) * hx);
         let mut y = Vec::new();
         let mut misc_open = Vec::new();
-        for split in &train {
+        for split in train.iter_mut() {
             let (xs, ys, open) = rows(split, kind, &scaling, !args.no_partial_misc);
             if args.word_shape {
                 let words = split
@@ -681,9 +681,7 @@ fn main() -> Result<()> {
             }
             y.extend(ys);
             misc_open.extend(open);
-        }
-        for split in train.iter_mut() {
-            // Copied into `x`; gigabytes on all the data.
+            // Copied into `x`; gigabytes on all the data, so freed split by split.
             split.features[kind] = Vec::new();
         }
         let n = y.len();
