@@ -301,6 +301,14 @@ impl AnalyzerBuilder {
             }
         }
         let embedder = embedder.build()?;
+        let mut ner = ner;
+        if let Some((_, (head, _))) = &mut ner {
+            // The heads' products follow the encoder's: int8 where it runs int8 (VNNI), so that
+            // `CpuPath::Reference` stays an all-f32 reference.
+            if embedder.cpu_path() == crate::CpuPath::Int8 {
+                head.use_int8(crate::encoder::int8::gemm::Kernel::detect());
+            }
+        }
         if let Some((folder, (head, card))) = &ner {
             let width = card.token_source.width(embedder.hidden_size());
             if head.word_width() != width {
