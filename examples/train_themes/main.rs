@@ -106,6 +106,10 @@ struct Args {
     /// Theme sets: share of the zero-shot row mixed into a trained few-shot row.
     #[arg(long, default_value_t = 0.3)]
     shrink: f32,
+    /// Theme sets: take the directions along which the background's languages differ out of
+    /// every row, so that a text's language does not move its scores.
+    #[arg(long)]
+    language_projection: bool,
     /// Theme sets: learning rate of a few-shot row.
     #[arg(long, default_value_t = 1e-2)]
     set_lr: f64,

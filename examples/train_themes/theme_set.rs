@@ -25,7 +25,7 @@
 //!   the row stays on the zero-shot scale and 0.5 stays its threshold; cross-validated figures
 //!   on the examples go in the card (`--tune-thresholds` picks thresholds on them instead).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -70,7 +70,7 @@ struct Fit {
 
 /// Reads the background news (`text` of every line of every `.jsonl` in `folder`, or of the
 /// one file).
-fn background_texts(path: &Path) -> Result<Vec<String>> {
+fn background_texts(path: &Path) -> Result<Vec<(String, String)>> {
     let files: Vec<PathBuf> = if path.is_dir() {
         super::data_files(path)?
     } else {
@@ -89,7 +89,8 @@ fn background_texts(path: &Path) -> Result<Vec<String>> {
             let text = value["text"]
                 .as_str()
                 .with_context(|| format!("{} line {}: no `text`", f.display(), i + 1))?;
-            texts.push(text.to_string());
+            let lang = value["lang"].as_str().unwrap_or("").to_string();
+            texts.push((text.to_string(), lang));
         }
     }
     anyhow::ensure!(
@@ -108,6 +109,75 @@ fn normalise(v: &mut [f32]) {
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// The directions along which the background's languages differ: the centroid of each
+/// language's texts less the mean of the centroids, made orthonormal.
+struct LanguageSubspace {
+    basis: Vec<Vec<f32>>,
+    centre: Vec<f32>,
+}
+
+impl LanguageSubspace {
+    /// From each background text's mean row and its language (texts without one are left out).
+    fn from_background(rows: &[Vec<f32>], langs: &[&str], width: usize) -> Self {
+        let mut sums: BTreeMap<&str, (Vec<f32>, usize)> = BTreeMap::new();
+        for (row, &lang) in rows.iter().zip(langs) {
+            if lang.is_empty() {
+                continue;
+            }
+            let entry = sums.entry(lang).or_insert_with(|| (vec![0f32; width], 0));
+            entry.0.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+            entry.1 += 1;
+        }
+        let centroids: Vec<Vec<f32>> = sums
+            .into_values()
+            .map(|(sum, n)| sum.into_iter().map(|v| v / n as f32).collect())
+            .collect();
+        let mut centre = vec![0f32; width];
+        for c in &centroids {
+            centre.iter_mut().zip(c).for_each(|(a, b)| *a += b);
+        }
+        centre
+            .iter_mut()
+            .for_each(|a| *a /= centroids.len().max(1) as f32);
+        let mut basis: Vec<Vec<f32>> = Vec::new();
+        for c in &centroids {
+            let mut d: Vec<f32> = c.iter().zip(&centre).map(|(a, b)| a - b).collect();
+            for u in &basis {
+                let along = dot(&d, u);
+                d.iter_mut().zip(u).for_each(|(x, u)| *x -= along * u);
+            }
+            let norm = dot(&d, &d).sqrt();
+            if norm > 1e-6 {
+                d.iter_mut().for_each(|x| *x /= norm);
+                basis.push(d);
+            }
+        }
+        LanguageSubspace { basis, centre }
+    }
+
+    /// `x − Σ_u ((x − centre) · u) u` for every row of `rows`.
+    fn project_rows(&self, rows: &mut [f32], width: usize) {
+        for x in rows.chunks_exact_mut(width) {
+            for u in &self.basis {
+                let along = dot(x, u) - dot(&self.centre, u);
+                x.iter_mut().zip(u).for_each(|(x, u)| *x -= along * u);
+            }
+        }
+    }
+
+    /// The row that gives, on raw features, the logits `row` gives on projected ones.
+    fn on_raw_features(&self, row: &Row) -> Row {
+        let mut weights = row.weights.clone();
+        let mut bias = row.bias;
+        for u in &self.basis {
+            let along = dot(&row.weights, u);
+            weights.iter_mut().zip(u).for_each(|(w, u)| *w -= along * u);
+            bias += along * dot(u, &self.centre);
+        }
+        Row { weights, bias }
+    }
 }
 
 /// One theme's linear row: `logit = weights · x + bias`.
@@ -299,9 +369,13 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
         normalise(p);
     }
 
-    let background = background_texts(&args.background)?;
+    let background_with_langs = background_texts(&args.background)?;
+    let background: Vec<String> = background_with_langs
+        .iter()
+        .map(|(t, _)| t.clone())
+        .collect();
     let bg_refs: Vec<&str> = background.iter().map(String::as_str).collect();
-    let bg: WindowFeatures = window_features(
+    let mut bg: WindowFeatures = window_features(
         &embedder,
         &bg_refs,
         pooling,
@@ -309,9 +383,8 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
         args.cpu_path,
         &None,
     )?;
-    let bg_windows = bg.per_text();
     let ex_refs: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
-    let ex: WindowFeatures = window_features(
+    let mut ex: WindowFeatures = window_features(
         &embedder,
         &ex_refs,
         pooling,
@@ -319,6 +392,24 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
         args.cpu_path,
         &None,
     )?;
+    let languages = if args.language_projection {
+        let means: Vec<Vec<f32>> = bg.per_text().iter().map(|w| mean_row(w, width)).collect();
+        let langs: Vec<&str> = background_with_langs
+            .iter()
+            .map(|(_, l)| l.as_str())
+            .collect();
+        let subspace = LanguageSubspace::from_background(&means, &langs, width);
+        subspace.project_rows(&mut bg.rows, width);
+        subspace.project_rows(&mut ex.rows, width);
+        eprintln!(
+            "language projection: {} directions from the background's languages",
+            subspace.basis.len()
+        );
+        Some(subspace)
+    } else {
+        None
+    };
+    let bg_windows = bg.per_text();
     let ex_windows = ex.per_text();
 
     let fit = Fit {
@@ -430,6 +521,9 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
         });
     }
 
+    if let Some(subspace) = &languages {
+        rows = rows.iter().map(|r| subspace.on_raw_features(r)).collect();
+    }
     // The head: one linear layer, `m0.output`, as `ThemeHead` loads it.
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let weights = Tensor::from_vec(
