@@ -87,6 +87,13 @@ fn a_theme_set_scores_beside_the_built_in_themes_on_one_pass() {
     assert_eq!(entries[1].mode, ThemeSetMode::FewShot);
     assert_eq!((entries[1].positives, entries[1].negatives), (4, 1));
     assert_eq!(card.thresholds.len(), 2);
+    // Few-shot rows are fitted without the background's language directions (16 languages).
+    assert!(
+        card.encoder
+            .contains("without the 15 directions that separate the background's languages"),
+        "{}",
+        card.encoder
+    );
 
     let built_in = analyzer(&[]).unwrap();
     let both = analyzer(&[&set]).unwrap();

@@ -106,9 +106,11 @@ struct Args {
     /// Theme sets: share of the zero-shot row mixed into a trained few-shot row.
     #[arg(long, default_value_t = 0.3)]
     shrink: f32,
-    /// Theme sets: take the directions along which the background's languages differ out of
-    /// every row, so that a text's language does not move its scores.
-    #[arg(long)]
+    /// Theme sets: fit few-shot rows on features with the directions along which the
+    /// background's languages differ taken out, so that a text's language does not move its
+    /// scores (`--language-projection false`: on the features as they are).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set)]
     language_projection: bool,
     /// Theme sets: learning rate of a few-shot row.
     #[arg(long, default_value_t = 1e-2)]
@@ -186,6 +188,7 @@ fn data_files(folder: &Path) -> Result<Vec<PathBuf>> {
 
 /// Pooled vectors of every window of each text: `rows` (row-major, `width` wide) and, per
 /// text, how many windows it has.
+#[derive(Clone)]
 struct WindowFeatures {
     rows: Vec<f32>,
     counts: Vec<usize>,
