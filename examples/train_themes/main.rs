@@ -106,12 +106,12 @@ struct Args {
     /// Theme sets: share of the zero-shot row mixed into a trained few-shot row.
     #[arg(long, default_value_t = 0.3)]
     shrink: f32,
-    /// Theme sets: fit few-shot rows on features with the directions along which the
-    /// background's languages differ taken out, so that a text's language does not move its
-    /// scores (`--language-projection false`: on the features as they are).
-    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
-          action = clap::ArgAction::Set)]
-    language_projection: bool,
+    /// Fit on features with the directions along which the background's languages differ
+    /// taken out, so that a text's language does not move its scores; the projection is then
+    /// folded into the head's first layer. Default: on for theme sets' few-shot rows, off for
+    /// the built-in head (`--language-projection false|true`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    language_projection: Option<bool>,
     /// Theme sets: learning rate of a few-shot row.
     #[arg(long, default_value_t = 1e-2)]
     set_lr: f64,
@@ -573,6 +573,34 @@ fn main() -> Result<()> {
         None => None,
     };
     let width = features.width;
+    let mut features = features;
+    let mut also_features = also_features;
+    let languages = if args.language_projection.unwrap_or(false) {
+        let background = theme_set::background_texts(&args.background)?;
+        let refs: Vec<&str> = background.iter().map(|(t, _)| t.as_str()).collect();
+        let bg = window_features(
+            &build_embedder(&args, args.cpu_path, &layers, layer_mean)?,
+            &refs,
+            pooling,
+            layer_mean,
+            args.cpu_path,
+            &layers,
+        )?;
+        let means: Vec<Vec<f32>> = bg.per_text().iter().map(|w| mean_row(w, width)).collect();
+        let langs: Vec<&str> = background.iter().map(|(_, l)| l.as_str()).collect();
+        let subspace = theme_set::LanguageSubspace::from_background(&means, &langs, width);
+        subspace.project_rows(&mut features.rows, width);
+        if let Some(f) = &mut also_features {
+            subspace.project_rows(&mut f.rows, width);
+        }
+        eprintln!(
+            "language projection: {} directions from the background's languages",
+            subspace.basis.len()
+        );
+        Some(subspace)
+    } else {
+        None
+    };
     let windows = features.per_text();
     let article_matrix = |w: &[&[f32]]| -> Result<Tensor> {
         let rows: Vec<f32> = w.iter().flat_map(|r| mean_row(r, width)).collect();
@@ -733,7 +761,7 @@ fn main() -> Result<()> {
 
     // The shipped head: trained on the whole training split.
     let (x_train, y_train) = fit_rows(&train)?;
-    let (varmap, head) = fit_head(&x_train, &y_train, &settings, true)?;
+    let (mut varmap, head) = fit_head(&x_train, &y_train, &settings, true)?;
     let gold: Vec<Vec<bool>> = dev.iter().map(|&i| gold_all[i].clone()).collect();
     let dev_probs: Vec<Vec<f32>> = article_probs(&head, &dev, &x, &windows, width)?
         .remove(&aggregation)
@@ -778,6 +806,36 @@ fn main() -> Result<()> {
     println!("dev macro_f1 {dev_macro:.4}");
 
     std::fs::create_dir_all(&out)?;
+    if let Some(subspace) = &languages {
+        // The head was fitted on projected features; its first layers take raw ones.
+        let first = if args.hidden > 0 { "hidden" } else { "output" };
+        for i in 0..args.members.max(1) {
+            let (weight_name, bias_name) =
+                (format!("m{i}.{first}.weight"), format!("m{i}.{first}.bias"));
+            let data = varmap
+                .data()
+                .lock()
+                .expect("no other thread holds the varmap");
+            let weight = data[&weight_name].as_tensor().to_vec2::<f32>()?;
+            let bias = data[&bias_name].as_tensor().to_vec1::<f32>()?;
+            drop(data);
+            let (mut weights, mut biases) = (Vec::new(), Vec::new());
+            for (w, b) in weight.iter().zip(&bias) {
+                let row = subspace.on_raw_features(&theme_set::Row {
+                    weights: w.clone(),
+                    bias: *b,
+                });
+                weights.extend(row.weights);
+                biases.push(row.bias);
+            }
+            let rows = weight.len();
+            varmap.set_one(
+                &weight_name,
+                Tensor::from_vec(weights, (rows, width), &Device::Cpu)?,
+            )?;
+            varmap.set_one(&bias_name, Tensor::from_vec(biases, rows, &Device::Cpu)?)?;
+        }
+    }
     varmap.save(out.join(THEME_HEAD_WEIGHTS))?;
     let card = ThemeCard {
         labels,

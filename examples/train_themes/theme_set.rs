@@ -70,7 +70,7 @@ struct Fit {
 
 /// Reads the background news (`text` of every line of every `.jsonl` in `folder`, or of the
 /// one file).
-fn background_texts(path: &Path) -> Result<Vec<(String, String)>> {
+pub(crate) fn background_texts(path: &Path) -> Result<Vec<(String, String)>> {
     let files: Vec<PathBuf> = if path.is_dir() {
         super::data_files(path)?
     } else {
@@ -113,14 +113,14 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// The directions along which the background's languages differ: the centroid of each
 /// language's texts less the mean of the centroids, made orthonormal.
-struct LanguageSubspace {
-    basis: Vec<Vec<f32>>,
+pub(crate) struct LanguageSubspace {
+    pub(crate) basis: Vec<Vec<f32>>,
     centre: Vec<f32>,
 }
 
 impl LanguageSubspace {
     /// From each background text's mean row and its language (texts without one are left out).
-    fn from_background(rows: &[Vec<f32>], langs: &[&str], width: usize) -> Self {
+    pub(crate) fn from_background(rows: &[Vec<f32>], langs: &[&str], width: usize) -> Self {
         let mut sums: BTreeMap<&str, (Vec<f32>, usize)> = BTreeMap::new();
         for (row, &lang) in rows.iter().zip(langs) {
             if lang.is_empty() {
@@ -144,12 +144,15 @@ impl LanguageSubspace {
         let mut basis: Vec<Vec<f32>> = Vec::new();
         for c in &centroids {
             let mut d: Vec<f32> = c.iter().zip(&centre).map(|(a, b)| a - b).collect();
+            let before = dot(&d, &d).sqrt();
             for u in &basis {
                 let along = dot(&d, u);
                 d.iter_mut().zip(u).for_each(|(x, u)| *x -= along * u);
             }
+            // n centroids less their mean span n − 1 directions: the last one's remainder is
+            // rounding error, not a direction.
             let norm = dot(&d, &d).sqrt();
-            if norm > 1e-6 {
+            if norm > 1e-3 * before.max(1e-12) {
                 d.iter_mut().for_each(|x| *x /= norm);
                 basis.push(d);
             }
@@ -158,7 +161,7 @@ impl LanguageSubspace {
     }
 
     /// `x − Σ_u ((x − centre) · u) u` for every row of `rows`.
-    fn project_rows(&self, rows: &mut [f32], width: usize) {
+    pub(crate) fn project_rows(&self, rows: &mut [f32], width: usize) {
         for x in rows.chunks_exact_mut(width) {
             for u in &self.basis {
                 let along = dot(x, u) - dot(&self.centre, u);
@@ -168,7 +171,7 @@ impl LanguageSubspace {
     }
 
     /// The row that gives, on raw features, the logits `row` gives on projected ones.
-    fn on_raw_features(&self, row: &Row) -> Row {
+    pub(crate) fn on_raw_features(&self, row: &Row) -> Row {
         let mut weights = row.weights.clone();
         let mut bias = row.bias;
         for u in &self.basis {
@@ -182,9 +185,9 @@ impl LanguageSubspace {
 
 /// One theme's linear row: `logit = weights · x + bias`.
 #[derive(Clone)]
-struct Row {
-    weights: Vec<f32>,
-    bias: f32,
+pub(crate) struct Row {
+    pub(crate) weights: Vec<f32>,
+    pub(crate) bias: f32,
 }
 
 impl Row {
@@ -396,7 +399,7 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
     // 2.6 points); few-shot rows are fitted on projected ones.
     let bg_raw = bg.clone();
     let bg_raw_windows = bg_raw.per_text();
-    let languages = if args.language_projection {
+    let languages = if args.language_projection.unwrap_or(true) {
         let means: Vec<Vec<f32>> = bg.per_text().iter().map(|w| mean_row(w, width)).collect();
         let langs: Vec<&str> = background_with_langs
             .iter()
