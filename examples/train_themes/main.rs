@@ -112,6 +112,10 @@ struct Args {
     /// the built-in head (`--language-projection false|true`).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     language_projection: Option<bool>,
+    /// Theme sets: --prior and --shrink hold for this many positives; a theme with more gets
+    /// a pull weakened as 1/n and a mix-back as 1/√n (0: fixed).
+    #[arg(long, default_value_t = 8)]
+    pull_examples: usize,
     /// Theme sets: learning rate of a few-shot row.
     #[arg(long, default_value_t = 1e-2)]
     set_lr: f64,

@@ -68,6 +68,26 @@ struct Fit {
     shrink: f32,
 }
 
+impl Fit {
+    /// The settings for a theme with `positives` examples: the L2 pull and the mix-back hold
+    /// for `reference` positives and weaken above it, as 1/n and 1/√n, since the data term is a
+    /// weighted mean that does not grow with the examples (`reference` 0: fixed).
+    fn for_positives(&self, positives: usize, reference: usize) -> Fit {
+        let ratio = if reference == 0 || positives <= reference {
+            1.0
+        } else {
+            reference as f64 / positives as f64
+        };
+        Fit {
+            prior: self.prior * ratio,
+            epochs: self.epochs,
+            lr: self.lr,
+            background_weight: self.background_weight,
+            shrink: self.shrink * ratio.sqrt() as f32,
+        }
+    }
+}
+
 /// Reads the background news (`text` of every line of every `.jsonl` in `folder`, or of the
 /// one file).
 pub(crate) fn background_texts(path: &Path) -> Result<Vec<(String, String)>> {
@@ -453,6 +473,7 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
         let few_shot = positives >= args.min_examples.max(1);
         let (row, threshold) = if few_shot {
             let zero = zero_row(&bg_windows);
+            let fit = fit.for_positives(positives, args.pull_examples);
             let mut x: Vec<Vec<f32>> = labelled
                 .iter()
                 .map(|&(i, _)| mean_row(ex_windows[i], width))
@@ -590,7 +611,8 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
              query prefix for descriptions, features from the {:?} CPU path; zero-shot rows \
              standardised on {} background texts (slope {}, offset {}); few-shot rows: \
              logistic regression from the zero-shot row, L2 pull {}, {} epochs, background \
-             weight {}, {} of the zero-shot row mixed back, {}",
+             weight {}, {} of the zero-shot row mixed back (both weakened above {} positives), \
+             {}",
             args.cpu_path.resolve(),
             background.len(),
             args.zero_shot_slope,
@@ -599,6 +621,7 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
             args.set_epochs,
             args.background_weight,
             args.shrink,
+            args.pull_examples,
             match &languages {
                 Some(subspace) => format!(
                     "fitted without the {} directions that separate the background's languages",
