@@ -214,7 +214,7 @@ impl AnalyzerBuilder {
                 pooled,
             });
         }
-        let ner = match folders.iter().find(|f| f.join(NER_HEAD_CARD).is_file()) {
+        let mut ner = match folders.iter().find(|f| f.join(NER_HEAD_CARD).is_file()) {
             Some(folder) => Some((folder.clone(), NerHead::from_folder(folder, &device)?)),
             None => None,
         };
@@ -301,7 +301,6 @@ impl AnalyzerBuilder {
             }
         }
         let embedder = embedder.build()?;
-        let mut ner = ner;
         if let Some((_, (head, _))) = &mut ner {
             // The heads' products follow the encoder's: int8 where it runs int8 (VNNI), so that
             // `CpuPath::Reference` stays an all-f32 reference.

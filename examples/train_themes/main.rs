@@ -556,8 +556,9 @@ fn main() -> Result<()> {
     let pooling: Pooling = args.pooling.into();
     let layer_mean = layer_mean_for(pooling, &out)?;
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
-    let features = window_features(
-        &build_embedder(&args, args.cpu_path, &layers, layer_mean)?,
+    let embedder = build_embedder(&args, args.cpu_path, &layers, layer_mean)?;
+    let mut features = window_features(
+        &embedder,
         &texts,
         pooling,
         layer_mean,
@@ -565,7 +566,7 @@ fn main() -> Result<()> {
         &layers,
     )?;
     // The same texts' features from a second path, for training rows only.
-    let also_features = match args.also_cpu_path {
+    let mut also_features = match args.also_cpu_path {
         Some(path) => Some(window_features(
             &build_embedder(&args, path, &layers, layer_mean)?,
             &texts,
@@ -577,30 +578,22 @@ fn main() -> Result<()> {
         None => None,
     };
     let width = features.width;
-    let mut features = features;
-    let mut also_features = also_features;
     let languages = if args.language_projection.unwrap_or(false) {
         let background = theme_set::background_texts(&args.background)?;
         let refs: Vec<&str> = background.iter().map(|(t, _)| t.as_str()).collect();
         let bg = window_features(
-            &build_embedder(&args, args.cpu_path, &layers, layer_mean)?,
+            &embedder,
             &refs,
             pooling,
             layer_mean,
             args.cpu_path,
             &layers,
         )?;
-        let means: Vec<Vec<f32>> = bg.per_text().iter().map(|w| mean_row(w, width)).collect();
-        let langs: Vec<&str> = background.iter().map(|(_, l)| l.as_str()).collect();
-        let subspace = theme_set::LanguageSubspace::from_background(&means, &langs, width);
+        let subspace = theme_set::LanguageSubspace::from_background_windows(&bg, &background);
         subspace.project_rows(&mut features.rows, width);
         if let Some(f) = &mut also_features {
             subspace.project_rows(&mut f.rows, width);
         }
-        eprintln!(
-            "language projection: {} directions from the background's languages",
-            subspace.basis.len()
-        );
         Some(subspace)
     } else {
         None

@@ -180,6 +180,27 @@ impl LanguageSubspace {
         LanguageSubspace { basis, centre }
     }
 
+    /// From the background's pooled windows and its `(text, lang)` lines: each text's mean
+    /// row stands for it.
+    pub(crate) fn from_background_windows(
+        windows: &WindowFeatures,
+        background: &[(String, String)],
+    ) -> Self {
+        let width = windows.width;
+        let means: Vec<Vec<f32>> = windows
+            .per_text()
+            .iter()
+            .map(|w| mean_row(w, width))
+            .collect();
+        let langs: Vec<&str> = background.iter().map(|(_, l)| l.as_str()).collect();
+        let subspace = LanguageSubspace::from_background(&means, &langs, width);
+        eprintln!(
+            "language projection: {} directions from the background's languages",
+            subspace.basis.len()
+        );
+        subspace
+    }
+
     /// `x − Σ_u ((x − centre) · u) u` for every row of `rows`.
     pub(crate) fn project_rows(&self, rows: &mut [f32], width: usize) {
         for x in rows.chunks_exact_mut(width) {
@@ -392,12 +413,8 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
         normalise(p);
     }
 
-    let background_with_langs = background_texts(&args.background)?;
-    let background: Vec<String> = background_with_langs
-        .iter()
-        .map(|(t, _)| t.clone())
-        .collect();
-    let bg_refs: Vec<&str> = background.iter().map(String::as_str).collect();
+    let background = background_texts(&args.background)?;
+    let bg_refs: Vec<&str> = background.iter().map(|(t, _)| t.as_str()).collect();
     let mut bg: WindowFeatures = window_features(
         &embedder,
         &bg_refs,
@@ -420,18 +437,9 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
     let bg_raw = bg.clone();
     let bg_raw_windows = bg_raw.per_text();
     let languages = if args.language_projection.unwrap_or(true) {
-        let means: Vec<Vec<f32>> = bg.per_text().iter().map(|w| mean_row(w, width)).collect();
-        let langs: Vec<&str> = background_with_langs
-            .iter()
-            .map(|(_, l)| l.as_str())
-            .collect();
-        let subspace = LanguageSubspace::from_background(&means, &langs, width);
+        let subspace = LanguageSubspace::from_background_windows(&bg, &background);
         subspace.project_rows(&mut bg.rows, width);
         subspace.project_rows(&mut ex.rows, width);
-        eprintln!(
-            "language projection: {} directions from the background's languages",
-            subspace.basis.len()
-        );
         Some(subspace)
     } else {
         None
@@ -485,7 +493,7 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
                 .map(|&(i, _)| story_fold(&examples[i].text, FOLDS))
                 .collect();
             let mut is_background = vec![false; labelled.len()];
-            for (b, text) in bg_windows.iter().zip(&background) {
+            for (b, (text, _)) in bg_windows.iter().zip(&background) {
                 x.push(mean_row(b, width));
                 y.push(false);
                 windows.push(b);
@@ -591,7 +599,7 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
     for f in example_files {
         hasher.update(std::fs::read(f)?);
     }
-    for text in &background {
+    for (text, _) in &background {
         hasher.update(text.as_bytes());
     }
     let card = ThemeCard {
