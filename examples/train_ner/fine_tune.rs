@@ -4,16 +4,25 @@
 //! (on the chosen CPU path, as at inference) and its token states are cached under
 //! `target/themescan-cache/`. Training then runs only the top `K` layers (candle, f32,
 //! differentiable kernels) and the head over those cached states, reading each word at its
-//! first sub-token. The trained layers are written in f16 as `encoder-layers.safetensors`
-//! beside the head; dev is scored through the whole inference path with them laid over the
-//! model, so the figures are what `evaluate ner` measures.
+//! first sub-token. Corpora without a MISC class get the frozen path's partial labels (the
+//! loss is over {O, B-MISC, I-MISC} where their `O` leaves MISC open). The trained layers are
+//! written in f16 as `encoder-layers.safetensors` beside the head; dev is scored through the
+//! whole inference path with them laid over the model, so the figures are what
+//! `evaluate ner` measures.
+//!
+//! A full-scale run takes hours on a few cores, so it checkpoints (`resume.rs`) every
+//! `--checkpoint-minutes` and at each epoch's end: run the same command again and it goes on
+//! from the last checkpoint, at the same batch of the same epoch order (`--fresh` starts
+//! over). The checkpoint is named by a hash of the run's settings and data, so another run
+//! never picks it up.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
+use sha2::{Digest, Sha256};
 use themescan::encoder::layers::{attention_bias, layer_tensors, Layer};
 use themescan::entities::Tag;
 use themescan::heads::ner::{InputScaling, NerHead, NerNet};
@@ -21,16 +30,18 @@ use themescan::heads::ENCODER_LAYERS;
 use themescan::weights::Checkpoint;
 use themescan::{Embedder, ModelSource, TokenSource, WordPooling};
 
+use super::resume::{self, AdamW};
 use super::{head_tensors, Args, Rng, Split};
 
 /// One run's cached lower-layer states: `[tokens, hidden]` rows from `start` in the flat
 /// buffer, each word's first sub-token row within the run (`None` for a word with no token),
-/// and the gold tags.
+/// the gold tags, and per word whether its `O` leaves MISC open (partial labels).
 struct RunStates {
     start: usize,
     tokens: usize,
     first: Vec<Option<u32>>,
     tags: Vec<u32>,
+    misc_open: Vec<bool>,
 }
 
 /// Cached states of all training runs.
@@ -104,6 +115,7 @@ fn lower_states(
     embedder: &Embedder,
     split: &Split,
     cache: &Path,
+    partial_misc: bool,
     into: &mut LowerStates,
 ) -> Result<()> {
     let h = into.hidden;
@@ -137,12 +149,22 @@ fn lower_states(
             c
         }
     };
+    let misc_from = super::misc_unknown_from(split, partial_misc);
     let mut runs = Vec::with_capacity(cached.kept.len());
     let (mut at, mut word) = (0, 0);
     for (&k, &n) in cached.kept.iter().zip(&cached.tokens) {
-        let tags: Vec<u32> = split.sentences[split.runs[k as usize].clone()]
+        let sentences = split.runs[k as usize].clone();
+        let tags: Vec<u32> = split.sentences[sentences.clone()]
             .iter()
             .flat_map(|s| s.tags.iter().map(|t| t.index() as u32))
+            .collect();
+        let misc_open: Vec<bool> = sentences
+            .flat_map(|i| {
+                split.sentences[i]
+                    .tags
+                    .iter()
+                    .map(move |&t| i >= misc_from && t == Tag::O)
+            })
             .collect();
         let first = cached.first[word..word + tags.len()]
             .iter()
@@ -154,6 +176,7 @@ fn lower_states(
             tokens: n as usize,
             first,
             tags,
+            misc_open,
         });
         at += n as usize;
     }
@@ -266,6 +289,34 @@ fn forward_words(
     Ok((out, runs.iter().map(|r| r.tags.len()).collect()))
 }
 
+/// Weight decay of both optimisers.
+const WEIGHT_DECAY: f64 = 1e-4;
+
+/// Names a run by everything that shapes its training, so that a checkpoint is only resumed
+/// by the same run over the same data.
+fn run_fingerprint(args: &Args, states: &LowerStates) -> String {
+    let tokens: usize = states.runs.iter().map(|r| r.tokens).sum();
+    let words: usize = states.runs.iter().map(|r| r.tags.len()).sum();
+    let key = format!(
+        "layers {} epochs {} lr {} encoder_lr {} batch {} seed {} hidden {} dilations {:?} \
+         attention {} {} dropout {} partial_misc {} runs {} words {words} tokens {tokens}",
+        args.fine_tune_layers,
+        args.epochs,
+        args.lr,
+        args.encoder_lr,
+        args.batch_runs,
+        args.seed,
+        args.hidden,
+        args.dilations,
+        args.attention_heads,
+        args.attention_span,
+        args.dropout,
+        !args.no_partial_misc,
+        states.runs.len(),
+    );
+    format!("{:x}", Sha256::digest(key.as_bytes()))[..16].to_string()
+}
+
 /// What fine-tuning leaves for scoring and the card.
 pub struct FineTuned {
     pub head: NerHead,
@@ -299,7 +350,7 @@ pub fn train(args: &Args, train: &[Split]) -> Result<FineTuned> {
             args.pack_words,
             lower.cpu_path()
         ));
-        lower_states(&lower, split, &cache, &mut states)?;
+        lower_states(&lower, split, &cache, !args.no_partial_misc, &mut states)?;
     }
     if states.runs.is_empty() {
         bail!("no training run fits in one window");
@@ -331,30 +382,51 @@ pub fn train(args: &Args, train: &[Split]) -> Result<FineTuned> {
         VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
         &args.net_config(h),
     )?;
-    let adam = |vars, lr| {
-        AdamW::new(
-            vars,
-            ParamsAdamW {
-                lr,
-                weight_decay: 1e-4,
-                ..Default::default()
-            },
-        )
-    };
-    let mut head_opt = adam(varmap.all_vars(), args.lr)?;
-    let mut encoder_opt = adam(
-        top.vars.iter().map(|(_, v)| v.clone()).collect(),
-        args.encoder_lr,
+    let mut head_opt = AdamW::new(
+        varmap
+            .data()
+            .lock()
+            .expect("no other thread holds the varmap")
+            .iter()
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect(),
+        args.lr,
+        WEIGHT_DECAY,
     )?;
+    let mut encoder_opt = AdamW::new(top.vars.clone(), args.encoder_lr, WEIGHT_DECAY)?;
+
+    // A run started again with the same settings and data goes on from its checkpoint.
+    let checkpoint = PathBuf::from("target/themescan-cache").join(format!(
+        "ner-fine-tune-{}.safetensors",
+        run_fingerprint(args, &states)
+    ));
+    let mut rng = Rng(args.seed.max(1));
+    let mut resumed = None;
+    if checkpoint.is_file() && !args.fresh {
+        let progress = resume::load(
+            &checkpoint,
+            &mut [("head", &mut head_opt), ("encoder", &mut encoder_opt)],
+        )?;
+        eprintln!(
+            "resuming from {} at epoch {}, batch {} (step {}); --fresh starts over",
+            checkpoint.display(),
+            progress.epoch,
+            progress.batches_done,
+            progress.step
+        );
+        rng = Rng(progress.epoch_rng);
+        resumed = Some(progress);
+    }
 
     // Batches of similar length (sorted in shuffled blocks) waste little on padding.
-    let mut rng = Rng(args.seed.max(1));
     let batches_per_epoch = states.runs.len().div_ceil(args.batch_runs.max(1));
     let total_steps = (batches_per_epoch * args.epochs).max(1);
     let warmup = total_steps / 20 + 1;
     let started = std::time::Instant::now();
-    let mut step = 0;
-    for epoch in 0..args.epochs {
+    let mut saved_at = std::time::Instant::now();
+    let mut step = resumed.map_or(0, |p| p.step);
+    for epoch in resumed.map_or(0, |p| p.epoch)..args.epochs {
+        let epoch_rng = rng.0;
         let mut order: Vec<usize> = (0..states.runs.len()).collect();
         for i in (1..order.len()).rev() {
             order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
@@ -366,16 +438,20 @@ pub fn train(args: &Args, train: &[Split]) -> Result<FineTuned> {
         for i in (1..batches.len()).rev() {
             batches.swap(i, (rng.next() % (i as u64 + 1)) as usize);
         }
+        let skip = match resumed.take() {
+            Some(p) if p.epoch == epoch => p.batches_done,
+            _ => 0,
+        };
         let (mut total, mut seen) = (0f64, 0usize);
-        for batch in batches {
+        for (done, batch) in batches.iter().enumerate().skip(skip) {
             let scale = if step < warmup {
                 (step + 1) as f64 / warmup as f64
             } else {
                 let p = (step - warmup) as f64 / (total_steps - warmup).max(1) as f64;
                 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
             };
-            head_opt.set_learning_rate(args.lr * scale);
-            encoder_opt.set_learning_rate(args.encoder_lr * scale);
+            head_opt.lr = args.lr * scale;
+            encoder_opt.lr = args.encoder_lr * scale;
             let (x, lengths) = forward_words(&top, &states, batch, true)?;
             let x = x.broadcast_sub(&mean)?.broadcast_mul(&inv_std)?;
             let width = x.dim(1)?;
@@ -384,17 +460,28 @@ pub fn train(args: &Args, train: &[Split]) -> Result<FineTuned> {
                 .reshape((batch.len() * width, Tag::COUNT))?;
             let mut real = Vec::new();
             let mut gold = Vec::new();
+            let mut misc_open = Vec::new();
             for (b, &r) in batch.iter().enumerate() {
-                for (t, &tag) in states.runs[r].tags.iter().enumerate() {
+                let run = &states.runs[r];
+                for (t, &tag) in run.tags.iter().enumerate() {
                     real.push((b * width + t) as u32);
                     gold.push(tag);
                 }
+                misc_open.extend_from_slice(&run.misc_open);
             }
             let n = real.len();
-            let loss = candle_nn::loss::cross_entropy(
-                &logits.index_select(&Tensor::from_vec(real, n, &Device::Cpu)?, 0)?,
-                &Tensor::from_vec(gold, n, &Device::Cpu)?,
+            // Cross-entropy over each word's allowed tags (its gold tag, or O/B-MISC/I-MISC
+            // where its corpus has no MISC class): `-log Σ p(allowed)`.
+            let allowed = Tensor::from_vec(
+                super::allowed_masks(&gold, &misc_open),
+                (n, Tag::COUNT),
+                &Device::Cpu,
             )?;
+            let log_p = candle_nn::ops::log_softmax(
+                &logits.index_select(&Tensor::from_vec(real, n, &Device::Cpu)?, 0)?,
+                1,
+            )?;
+            let loss = ((log_p + allowed)?.log_sum_exp(1)?.sum_all()? / n as f64)?.neg()?;
             let grads = loss.backward()?;
             head_opt.step(&grads)?;
             encoder_opt.step(&grads)?;
@@ -408,11 +495,36 @@ pub fn train(args: &Args, train: &[Split]) -> Result<FineTuned> {
                     started.elapsed().as_secs_f64()
                 );
             }
+            let epoch_done = done + 1 == batches.len();
+            if epoch_done || saved_at.elapsed().as_secs_f64() >= args.checkpoint_minutes * 60.0 {
+                let progress = if epoch_done {
+                    resume::Progress {
+                        step,
+                        epoch: epoch + 1,
+                        batches_done: 0,
+                        epoch_rng: rng.0,
+                    }
+                } else {
+                    resume::Progress {
+                        step,
+                        epoch,
+                        batches_done: done + 1,
+                        epoch_rng,
+                    }
+                };
+                resume::save(
+                    &checkpoint,
+                    &[("head", &head_opt), ("encoder", &encoder_opt)],
+                    progress,
+                )?;
+                saved_at = std::time::Instant::now();
+            }
         }
         eprintln!(
-            "\repoch {epoch}: train loss {:.4} ({:.0}s)                    ",
+            "\repoch {epoch}: train loss {:.4} ({:.0}s), checkpoint {}",
             total / seen.max(1) as f64,
-            started.elapsed().as_secs_f64()
+            started.elapsed().as_secs_f64(),
+            checkpoint.display()
         );
     }
 

@@ -55,10 +55,10 @@ const LANGS: [&str; 9] = ["nl", "ar", "en", "es", "de", "ru", "tr", "id", "fr"];
 /// an `O` only says "not PER, ORG or LOC", so the loss marginalises over `O`, `B-MISC` and
 /// `I-MISC` instead of teaching that such names are not entities. Turkish has no MISC at all,
 /// in train and dev alike, so its `O` stays an ordinary label: there, predicting MISC is wrong.
+const MISC_UNKNOWN_FROM: [(&str, usize); 3] = [("ar", 3_567), ("de", 1_980), ("id", 6_720)];
+
 /// Languages written with letter case that lower-casing does not garble.
 const LOWER_CASED: [&str; 7] = ["nl", "en", "es", "de", "ru", "id", "fr"];
-
-const MISC_UNKNOWN_FROM: [(&str, usize); 3] = [("ar", 3_567), ("de", 1_980), ("id", 6_720)];
 
 /// The word features compared, in cache order.
 const KINDS: [(TokenSource, WordPooling); 4] = [
@@ -151,6 +151,14 @@ struct Args {
     /// The `--layers` averaged layers end at this layer (1-based; default: the last).
     #[arg(long)]
     layers_end: Option<usize>,
+    /// Fine-tuning: minutes between checkpoints (also written at every epoch's end). A run
+    /// started again with the same settings and data goes on from its checkpoint
+    /// (`target/themescan-cache/ner-fine-tune-*.safetensors`).
+    #[arg(long, default_value_t = 10.0)]
+    checkpoint_minutes: f64,
+    /// Fine-tuning: start over even if a checkpoint of the same run exists.
+    #[arg(long)]
+    fresh: bool,
     /// Peak learning rate of the fine-tuned encoder layers.
     #[arg(long, default_value_t = 1e-4)]
     encoder_lr: f64,
@@ -185,6 +193,7 @@ impl Args {
 }
 
 mod fine_tune;
+mod resume;
 
 /// Sentences of one file, packed into runs; runs spread evenly until `max_words` words.
 struct Split {
@@ -353,10 +362,7 @@ fn rows(
 ) -> (Vec<f32>, Vec<u32>, Vec<bool>) {
     let mut feats = split.features[kind].clone();
     scaling.apply(&mut feats);
-    let misc_from = MISC_UNKNOWN_FROM
-        .iter()
-        .find(|(lang, _)| partial_misc && split.name.starts_with("train") && *lang == split.lang)
-        .map_or(usize::MAX, |&(_, from)| from);
+    let misc_from = misc_unknown_from(split, partial_misc);
     let mut y = Vec::new();
     let mut misc_open = Vec::new();
     for r in &split.runs {
@@ -367,6 +373,15 @@ fn rows(
         }
     }
     (feats, y, misc_open)
+}
+
+/// The first sentence of `split` whose `O` leaves MISC open (`usize::MAX`: none), see
+/// [`MISC_UNKNOWN_FROM`].
+fn misc_unknown_from(split: &Split, partial_misc: bool) -> usize {
+    MISC_UNKNOWN_FROM
+        .iter()
+        .find(|(lang, _)| partial_misc && split.name.starts_with("train") && *lang == split.lang)
+        .map_or(usize::MAX, |&(_, from)| from)
 }
 
 /// Additive log-space masks of the tags each word's label allows: its gold tag, or `O`,
