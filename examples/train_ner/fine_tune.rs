@@ -158,14 +158,7 @@ fn lower_states(
             .iter()
             .flat_map(|s| s.tags.iter().map(|t| t.index() as u32))
             .collect();
-        let misc_open: Vec<bool> = sentences
-            .flat_map(|i| {
-                split.sentences[i]
-                    .tags
-                    .iter()
-                    .map(move |&t| i >= misc_from && t == Tag::O)
-            })
-            .collect();
+        let misc_open: Vec<bool> = super::misc_open_words(split, sentences, misc_from).collect();
         let first = cached.first[word..word + tags.len()]
             .iter()
             .map(|&i| (i != u32::MAX).then_some(i))
@@ -294,12 +287,10 @@ const WEIGHT_DECAY: f64 = 1e-4;
 
 /// Names a run by everything that shapes its training, so that a checkpoint is only resumed
 /// by the same run over the same data.
-fn run_fingerprint(args: &Args, states: &LowerStates) -> String {
-    let tokens: usize = states.runs.iter().map(|r| r.tokens).sum();
-    let words: usize = states.runs.iter().map(|r| r.tags.len()).sum();
+fn run_fingerprint(args: &Args, states: &LowerStates, words: usize, tokens: usize) -> String {
     let key = format!(
         "layers {} epochs {} lr {} encoder_lr {} batch {} seed {} hidden {} dilations {:?} \
-         attention {} {} dropout {} partial_misc {} runs {} words {words} tokens {tokens}",
+         attention {} {} dropout {} partial_misc {} cpu {:?} runs {} words {words} tokens {tokens}",
         args.fine_tune_layers,
         args.epochs,
         args.lr,
@@ -312,6 +303,7 @@ fn run_fingerprint(args: &Args, states: &LowerStates) -> String {
         args.attention_span,
         args.dropout,
         !args.no_partial_misc,
+        args.cpu_path.resolve(),
         states.runs.len(),
     );
     format!("{:x}", Sha256::digest(key.as_bytes()))[..16].to_string()
@@ -398,7 +390,7 @@ pub fn train(args: &Args, train: &[Split]) -> Result<FineTuned> {
     // A run started again with the same settings and data goes on from its checkpoint.
     let checkpoint = PathBuf::from("target/themescan-cache").join(format!(
         "ner-fine-tune-{}.safetensors",
-        run_fingerprint(args, &states)
+        run_fingerprint(args, &states, words, tokens)
     ));
     let mut rng = Rng(args.seed.max(1));
     let mut resumed = None;
@@ -477,11 +469,11 @@ pub fn train(args: &Args, train: &[Split]) -> Result<FineTuned> {
                 (n, Tag::COUNT),
                 &Device::Cpu,
             )?;
-            let log_p = candle_nn::ops::log_softmax(
+            let loss = super::partial_label_loss(
                 &logits.index_select(&Tensor::from_vec(real, n, &Device::Cpu)?, 0)?,
-                1,
+                &allowed,
+                n,
             )?;
-            let loss = ((log_p + allowed)?.log_sum_exp(1)?.sum_all()? / n as f64)?.neg()?;
             let grads = loss.backward()?;
             head_opt.step(&grads)?;
             encoder_opt.step(&grads)?;

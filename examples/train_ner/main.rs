@@ -367,10 +367,9 @@ fn rows(
     let mut misc_open = Vec::new();
     for r in &split.runs {
         for i in r.clone() {
-            let s = &split.sentences[i];
-            y.extend(s.tags.iter().map(|t| t.index() as u32));
-            misc_open.extend(s.tags.iter().map(|&t| i >= misc_from && t == Tag::O));
+            y.extend(split.sentences[i].tags.iter().map(|t| t.index() as u32));
         }
+        misc_open.extend(misc_open_words(split, r.clone(), misc_from));
     }
     (feats, y, misc_open)
 }
@@ -382,6 +381,28 @@ fn misc_unknown_from(split: &Split, partial_misc: bool) -> usize {
         .iter()
         .find(|(lang, _)| partial_misc && split.name.starts_with("train") && *lang == split.lang)
         .map_or(usize::MAX, |&(_, from)| from)
+}
+
+/// Per word of the sentences `run`, whether its `O` leaves MISC open (sentences from
+/// `misc_from` on, see [`misc_unknown_from`]).
+fn misc_open_words(
+    split: &Split,
+    run: Range<usize>,
+    misc_from: usize,
+) -> impl Iterator<Item = bool> + '_ {
+    run.flat_map(move |i| {
+        split.sentences[i]
+            .tags
+            .iter()
+            .map(move |&t| i >= misc_from && t == Tag::O)
+    })
+}
+
+/// Mean over `words` rows of `-log Σ p(allowed)`: cross-entropy over each word's allowed tags
+/// (`allowed` as [`allowed_masks`] makes it; a padding row that allows every tag adds 0).
+fn partial_label_loss(logits: &Tensor, allowed: &Tensor, words: usize) -> Result<Tensor> {
+    let log_p = candle_nn::ops::log_softmax(logits, 1)?;
+    Ok(((log_p + allowed)?.log_sum_exp(1)?.sum_all()? / words as f64)?.neg()?)
 }
 
 /// Additive log-space masks of the tags each word's label allows: its gold tag, or `O`,
@@ -842,8 +863,7 @@ fn main() -> Result<()> {
                     )?
                 } else {
                     let logits = logits.reshape((chunk.len() * len, Tag::COUNT))?;
-                    let log_p = candle_nn::ops::log_softmax(&logits, 1)?;
-                    ((log_p + allowed)?.log_sum_exp(1)?.sum_all()? / real_n as f64)?.neg()?
+                    partial_label_loss(&logits, &allowed, real_n)?
                 };
                 opt.backward_step(&loss)?;
                 total += loss.to_scalar::<f32>()? * real_n as f32;

@@ -167,6 +167,22 @@ pub fn load(path: &Path, optimisers: &mut [(&str, &mut AdamW)]) -> Result<Progre
 mod tests {
     use super::*;
 
+    /// An optimiser over one variable `w` that starts at `start`.
+    fn over(start: &Tensor, lr: f64, weight_decay: f64) -> Result<AdamW> {
+        AdamW::new(
+            vec![("w".into(), Var::from_tensor(start)?)],
+            lr,
+            weight_decay,
+        )
+    }
+
+    /// A checkpoint path in a fresh folder of its own.
+    fn scratch(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir()
+            .join(format!("themescan-{name}-{}", std::process::id()))
+            .join("run.safetensors")
+    }
+
     fn quadratic_step(opt: &mut AdamW, target: &Tensor) -> Result<()> {
         let (_, var) = &opt.vars[0];
         let loss = (var.as_tensor() - target)?.sqr()?.sum_all()?;
@@ -180,14 +196,13 @@ mod tests {
     fn resumed_optimiser_continues_exactly() -> Result<()> {
         let target = Tensor::new(&[1f32, -2.0, 0.5], &Device::Cpu)?;
         let start = Tensor::new(&[0f32, 0.0, 0.0], &Device::Cpu)?;
-        let mut straight = AdamW::new(vec![("w".into(), Var::from_tensor(&start)?)], 0.1, 0.01)?;
-        let mut stopped = AdamW::new(vec![("w".into(), Var::from_tensor(&start)?)], 0.1, 0.01)?;
+        let mut straight = over(&start, 0.1, 0.01)?;
+        let mut stopped = over(&start, 0.1, 0.01)?;
         for _ in 0..3 {
             quadratic_step(&mut straight, &target)?;
             quadratic_step(&mut stopped, &target)?;
         }
-        let dir = std::env::temp_dir().join(format!("themescan-resume-{}", std::process::id()));
-        let path = dir.join("run.safetensors");
+        let path = scratch("resume");
         let progress = Progress {
             step: 3,
             epoch: 1,
@@ -195,7 +210,7 @@ mod tests {
             epoch_rng: 0xDEAD_BEEF_0123_4567,
         };
         save(&path, &[("head", &stopped)], progress)?;
-        let mut resumed = AdamW::new(vec![("w".into(), Var::from_tensor(&start)?)], 0.1, 0.01)?;
+        let mut resumed = over(&start, 0.1, 0.01)?;
         assert_eq!(load(&path, &mut [("head", &mut resumed)])?, progress);
         for _ in 0..4 {
             quadratic_step(&mut straight, &target)?;
@@ -208,22 +223,14 @@ mod tests {
             (a[1] + 2.0).abs() < 1.5,
             "the steps moved towards the target: {a:?}"
         );
-        std::fs::remove_dir_all(&dir)?;
+        std::fs::remove_dir_all(path.parent().expect("scratch has a folder"))?;
         Ok(())
     }
 
     #[test]
     fn a_checkpoint_of_another_shape_is_refused() -> Result<()> {
-        let small = AdamW::new(
-            vec![(
-                "w".into(),
-                Var::from_tensor(&Tensor::zeros(2, DType::F32, &Device::Cpu)?)?,
-            )],
-            0.1,
-            0.0,
-        )?;
-        let dir = std::env::temp_dir().join(format!("themescan-shape-{}", std::process::id()));
-        let path = dir.join("run.safetensors");
+        let small = over(&Tensor::zeros(2, DType::F32, &Device::Cpu)?, 0.1, 0.0)?;
+        let path = scratch("shape");
         let progress = Progress {
             step: 1,
             epoch: 0,
@@ -231,17 +238,10 @@ mod tests {
             epoch_rng: 1,
         };
         save(&path, &[("head", &small)], progress)?;
-        let mut large = AdamW::new(
-            vec![(
-                "w".into(),
-                Var::from_tensor(&Tensor::zeros(3, DType::F32, &Device::Cpu)?)?,
-            )],
-            0.1,
-            0.0,
-        )?;
+        let mut large = over(&Tensor::zeros(3, DType::F32, &Device::Cpu)?, 0.1, 0.0)?;
         let err = load(&path, &mut [("head", &mut large)]).unwrap_err();
         assert!(err.to_string().contains("head.var.w"), "{err}");
-        std::fs::remove_dir_all(&dir)?;
+        std::fs::remove_dir_all(path.parent().expect("scratch has a folder"))?;
         Ok(())
     }
 }
