@@ -170,6 +170,19 @@ struct Args {
     /// labels are marginalised over the paths they allow) and decode with them.
     #[arg(long)]
     crf: bool,
+    /// Entity biases tried on dev once the head is trained ([`NerCard::entity_bias`]); the
+    /// one with the best mean dev F1 goes in the card. `0` alone: none.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_hyphen_values = true,
+        default_value = "-1,-0.5,0,0.5,1"
+    )]
+    entity_biases: Vec<f32>,
+    /// Train nothing: choose the entity bias of the head already in `--out` on dev (its
+    /// features and layers as its card says) and rewrite its card.
+    #[arg(long)]
+    rescore: bool,
 }
 
 impl Args {
@@ -455,15 +468,28 @@ impl Rng {
     }
 }
 
-/// Per language dev scores of one head, for argmax + repair (`[0]`) and Viterbi (`[1]`). Each
-/// run is tagged as one sequence through [`NerHead::log_probs`], as `Analyzer::tag_words` does.
+/// Per language dev scores of one head, for argmax + repair (`[0]`) and Viterbi (`[1]`).
 fn score_dev(head: &NerHead, dev: &[Split], kind: usize) -> Result<[Vec<NerDevScore>; 2]> {
+    Ok([
+        score_dev_with(head, dev, kind, false)?,
+        score_dev_with(head, dev, kind, true)?,
+    ])
+}
+
+/// Per language dev scores of one head with one decoder. Each run is tagged as one sequence,
+/// as `Analyzer::tag_words` does.
+fn score_dev_with(
+    head: &NerHead,
+    dev: &[Split],
+    kind: usize,
+    viterbi: bool,
+) -> Result<Vec<NerDevScore>> {
     let h = head.word_width();
-    let mut out: [Vec<NerDevScore>; 2] = Default::default();
+    let mut out = Vec::with_capacity(dev.len());
     for split in dev {
         let feats = &split.features[kind];
         let mut gold = Vec::new();
-        let mut predicted: [Vec<Vec<Tag>>; 2] = Default::default();
+        let mut predicted = Vec::new();
         let mut at = 0;
         for r in &split.runs {
             let sentences = &split.sentences[r.clone()];
@@ -474,27 +500,84 @@ fn score_dev(head: &NerHead, dev: &[Split], kind: usize) -> Result<[Vec<NerDevSc
             let n = words.len();
             let rows = &feats[at * h..(at + n) * h];
             at += n;
-            for (d, viterbi) in [false, true].into_iter().enumerate() {
-                let mut tags = head.tag_with(rows, &words, viterbi)?.0.into_iter();
-                for s in sentences {
-                    let mut t: Vec<Tag> = tags.by_ref().take(s.tokens.len()).collect();
-                    repair_bio(&mut t);
-                    predicted[d].push(t);
-                }
+            let mut tags = head.tag_with(rows, &words, viterbi)?.0.into_iter();
+            for s in sentences {
+                let mut t: Vec<Tag> = tags.by_ref().take(s.tokens.len()).collect();
+                repair_bio(&mut t);
+                predicted.push(t);
             }
             gold.extend(sentences.iter().map(|s| s.tags.clone()));
         }
-        for d in 0..2 {
-            let scores = score_entities(&gold, &predicted[d]);
-            out[d].push(NerDevScore {
-                lang: split.lang.to_string(),
-                sentences: gold.len(),
-                f1: scores.micro.f1(),
-                f1_by_label: scores.per_label.iter().map(|(l, s)| (*l, s.f1())).collect(),
-            });
-        }
+        let scores = score_entities(&gold, &predicted);
+        out.push(NerDevScore {
+            lang: split.lang.to_string(),
+            sentences: gold.len(),
+            f1: scores.micro.f1(),
+            f1_by_label: scores.per_label.iter().map(|(l, s)| (*l, s.f1())).collect(),
+        });
     }
     Ok(out)
+}
+
+/// The feature kind (index in [`KINDS`]) a head's card says it reads.
+fn card_kind(card: &NerCard) -> Result<usize> {
+    KINDS
+        .iter()
+        .position(|&(source, pooling)| source == card.token_source && pooling == card.word_pooling)
+        .with_context(|| {
+            format!(
+                "no feature kind reads {:?}/{:?}",
+                card.token_source, card.word_pooling
+            )
+        })
+}
+
+/// Scores the head in `args.out` on dev with each of `args.entity_biases` added to its entity
+/// tags, keeps the bias with the best mean F1, and rewrites the card with it and its scores.
+/// The bias moves the balance of precision and recall that training left, which the
+/// loss does not aim at (it is per word, F1 is per entity).
+fn choose_entity_bias(args: &Args, dev: &[Split], dev_lower: &[Split]) -> Result<()> {
+    let (head, mut card) = NerHead::from_folder(&args.out, &Device::Cpu)?;
+    let kind = card_kind(&card)?;
+    println!(
+        "\n{:<28} {}  mean",
+        "entity bias",
+        LANGS.map(|l| format!("{l:>6}")).join("")
+    );
+    let mut best: Option<(f64, f32, Vec<NerDevScore>)> = None;
+    for &bias in &args.entity_biases {
+        let scores = score_dev_with(
+            &head.clone().with_entity_bias(bias),
+            dev,
+            kind,
+            card.viterbi,
+        )?;
+        let mean = mean_f1(&scores);
+        println!(
+            "{:<28} {}  {mean:.3}",
+            format!("{bias:+.2}"),
+            scores
+                .iter()
+                .map(|s| format!("{:>6.3}", s.f1))
+                .collect::<String>()
+        );
+        if best.as_ref().is_none_or(|b| mean > b.0) {
+            best = Some((mean, bias, scores));
+        }
+    }
+    let (mean, bias, scores) = best.context("--entity-biases is empty")?;
+    let head = head.with_entity_bias(bias);
+    card.dev_lowercased = score_dev_with(&head, dev_lower, kind, card.viterbi)?;
+    card.entity_bias = bias;
+    card.dev = scores;
+    println!("chosen entity bias {bias:+.2}, mean dev F1 {mean:.3}");
+    for s in &card.dev_lowercased {
+        println!("{} lower-cased: {:.3}", s.lang, s.f1);
+    }
+    let path = args.out.join(NER_HEAD_CARD);
+    std::fs::write(&path, serde_json::to_string_pretty(&card)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
 
 /// The best head so far: mean dev F1, feature kind, decoder, weights, per-language scores.
@@ -657,6 +740,18 @@ fn main() -> Result<()> {
         );
         return fine_tuned(&args, &train, dev, data_note);
     }
+    if args.rescore {
+        // The head's own features: its card overrides the feature flags.
+        let path = args.out.join(NER_HEAD_CARD);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let card: NerCard =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        args.kind = Some(card_kind(&card)?);
+        args.layers = card.layers;
+        args.layers_end = card.layers_end;
+        train.clear();
+    }
     let mut builder = Embedder::builder()
         .model(ModelSource::Default)
         .threads(args.threads)
@@ -676,6 +771,9 @@ fn main() -> Result<()> {
         .chain(dev_lower.iter_mut())
     {
         encode_split(&embedder, split, &args, &key)?;
+    }
+    if args.rescore {
+        return choose_entity_bias(&args, &dev, &dev_lower);
     }
     let stale = args.out.join(themescan::heads::ENCODER_LAYERS);
     if stale.is_file() {
@@ -938,7 +1036,11 @@ fn main() -> Result<()> {
         encoder,
         data_note,
         (source, pooling, args.context, args.layers, args.layers_end),
-    )
+    )?;
+    if args.entity_biases != [0.0] {
+        choose_entity_bias(&args, &dev, &dev_lower)?;
+    }
+    Ok(())
 }
 
 /// A trained head's tensors as saved: the network's variables and the input scaling.
@@ -1023,6 +1125,7 @@ fn write_head(
         viterbi,
         word_shape: args.word_shape,
         crf: args.crf,
+        entity_bias: 0.0,
         seed: args.seed,
         epochs: args.epochs,
         dev: scores,

@@ -84,6 +84,11 @@ pub struct NerCard {
     /// [`super::crf`]) trained with it end to end.
     #[serde(default)]
     pub crf: bool,
+    /// Added to every entity tag's score (`B-*`, `I-*`) before decoding: above 0 the head
+    /// marks more words as entities, below 0 fewer. `train_ner` chooses it on dev, where it
+    /// trades precision for recall; 0 leaves the network's scores as trained.
+    #[serde(default)]
+    pub entity_bias: f32,
     /// Seed and epochs.
     pub seed: u64,
     /// Epochs of training.
@@ -499,6 +504,7 @@ pub struct NerHead {
     viterbi: bool,
     word_shape: bool,
     transitions: Option<Transitions>,
+    entity_bias: f32,
     device: Device,
 }
 
@@ -655,6 +661,7 @@ impl NerHead {
             viterbi,
             word_shape: false,
             transitions: None,
+            entity_bias: 0.0,
             device: device.clone(),
         }
     }
@@ -668,6 +675,13 @@ impl NerHead {
     /// The head with learned tag transitions, used for decoding and per-word confidence.
     pub fn with_transitions(mut self, transitions: Option<Transitions>) -> Self {
         self.transitions = transitions;
+        self
+    }
+
+    /// The head with `bias` added to every entity tag's score before decoding (see
+    /// [`NerCard::entity_bias`]).
+    pub fn with_entity_bias(mut self, bias: f32) -> Self {
+        self.entity_bias = bias;
         self
     }
 
@@ -730,7 +744,8 @@ impl NerHead {
         let net = NerNet::load(vb, &card.net_config())?;
         let mut head = NerHead::new(scaling, net, card.context, card.viterbi, device)
             .with_word_shape(card.word_shape)
-            .with_transitions(transitions);
+            .with_transitions(transitions)
+            .with_entity_bias(card.entity_bias);
         if device.is_cpu() {
             head.host = Some(HostNerNet::from_net(&head.net)?);
         }
@@ -786,15 +801,24 @@ impl NerHead {
         let row_width = rows.len() / n;
         let joined = with_context(&rows, row_width, self.context);
         let width = joined.len() / n;
-        if let Some(host) = &self.host {
-            let logits = host.forward(&joined, n);
-            return Ok(logits
+        let mut emissions: Vec<Vec<f32>> = if let Some(host) = &self.host {
+            host.forward(&joined, n)
                 .chunks_exact(Tag::COUNT)
                 .map(<[f32]>::to_vec)
-                .collect());
+                .collect()
+        } else {
+            let x = Tensor::from_vec(joined, (1, n, width), &self.device)?;
+            self.net.forward(&x, &[n], 0.0)?.squeeze(0)?.to_vec2()?
+        };
+        if self.entity_bias != 0.0 {
+            // Index 0 is `O`; every other tag begins or continues an entity.
+            for row in &mut emissions {
+                for score in &mut row[1..] {
+                    *score += self.entity_bias;
+                }
+            }
         }
-        let x = Tensor::from_vec(joined, (1, n, width), &self.device)?;
-        Ok(self.net.forward(&x, &[n], 0.0)?.squeeze(0)?.to_vec2()?)
+        Ok(emissions)
     }
 
     /// Per-word log-probabilities of the tags, `[words][Tag::COUNT]`, for the row-major word
@@ -888,6 +912,7 @@ pub fn decode(log_probs: &[Vec<f32>], viterbi: bool) -> Vec<Tag> {
 #[cfg(test)]
 mod tests {
     use super::{with_context, word_shape, HostNerNet, NerNet, NerNetConfig};
+    use crate::entities::Tag;
     use candle_core::{DType, Device, Tensor};
     use candle_nn::{VarBuilder, VarMap};
 
@@ -936,6 +961,26 @@ mod tests {
                 assert!((g - w).abs() < 1e-4, "{g} vs {w}");
             }
         }
+    }
+
+    #[test]
+    fn entity_bias_moves_words_between_o_and_entities() {
+        let scaling = super::InputScaling {
+            mean: vec![0.0; 6],
+            inv_std: vec![1.0; 6],
+        };
+        let head = super::NerHead::new(scaling, random_net(), 0, true, &Device::Cpu);
+        let words: Vec<String> = (0..10).map(|i| format!("w{i}")).collect();
+        let x = rows(10, 0.5);
+        let entity_words = |bias: f32| {
+            let head = head.clone().with_entity_bias(bias);
+            let (tags, _) = head.tag(&x, &words).unwrap();
+            tags.iter().filter(|t| **t != Tag::O).count()
+        };
+        assert_eq!(entity_words(-1e3), 0);
+        assert_eq!(entity_words(1e3), 10);
+        assert!(entity_words(-1.0) <= entity_words(0.0));
+        assert!(entity_words(0.0) <= entity_words(1.0));
     }
 
     #[test]
