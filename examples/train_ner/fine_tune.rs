@@ -149,7 +149,7 @@ fn lower_states(
             c
         }
     };
-    let misc_from = super::misc_unknown_from(split, partial_misc);
+    let misc_from = super::data::misc_unknown_from(split, partial_misc);
     let mut runs = Vec::with_capacity(cached.kept.len());
     let (mut at, mut word) = (0, 0);
     for (&k, &n) in cached.kept.iter().zip(&cached.tokens) {
@@ -158,7 +158,8 @@ fn lower_states(
             .iter()
             .flat_map(|s| s.tags.iter().map(|t| t.index() as u32))
             .collect();
-        let misc_open: Vec<bool> = super::misc_open_words(split, sentences, misc_from).collect();
+        let misc_open: Vec<bool> =
+            super::data::misc_open_words(split, sentences, misc_from).collect();
         let first = cached.first[word..word + tags.len()]
             .iter()
             .map(|&i| (i != u32::MAX).then_some(i))
@@ -465,7 +466,7 @@ pub fn train(args: &Args, train: &[Split]) -> Result<FineTuned> {
             // Cross-entropy over each word's allowed tags (its gold tag, or O/B-MISC/I-MISC
             // where its corpus has no MISC class): `-log Σ p(allowed)`.
             let allowed = Tensor::from_vec(
-                super::allowed_masks(&gold, &misc_open),
+                super::data::allowed_masks(&gold, &misc_open),
                 (n, Tag::COUNT),
                 &Device::Cpu,
             )?;

@@ -6,7 +6,7 @@
 //! # the shipped head (see the README for its figures):
 //! cargo run --release --example train_ner -- --max-train-words 0 --kind 2 --epochs 4 \
 //!     --batch-runs 8 --layers 8 --layers-end 10 --lower-fraction 0.5 --lang-alpha 0.75 \
-//!     --word-shape --crf
+//!     --word-shape --crf --hidden 512
 //! ```
 //! 1. Consecutive sentences are packed into runs of up to `--pack-words` words, so that a word
 //!    is encoded with article-like context around it, as at inference. Each run goes through
@@ -26,42 +26,36 @@
 //! 4. Dev files are tagged the same way and scored at entity level (conlleval), with per-word
 //!    argmax + BIO repair and with BIO-constrained Viterbi. The feature kind and decoder with the
 //!    best mean F1 over languages are written out.
+//! 5. The written head is scored on dev again with each of `--entity-biases` added to its
+//!    entity tags' scores before decoding; the bias with the best mean F1 goes in its card
+//!    (`--rescore` does only this, for a head already in `--out`).
+//!
+//! Modules: `data` (corpora, runs, cached features, training rows), `dev` (dev scores, the
+//! entity bias), `fine_tune` and `resume` (`--fine-tune-layers`).
 //!
 //! `--fine-tune-layers K` instead trains the encoder's top K layers with the head (see
 //! `fine_tune.rs`) and writes them beside it as `encoder-layers.safetensors`; the theme head
 //! must then be retrained (`train_themes` reads the same folder).
 
 use std::collections::HashMap;
-use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
-use themescan::entities::{repair_bio, EntityLabel, Tag};
+use themescan::entities::{EntityLabel, Tag};
 use themescan::heads::crf::{self, Transitions};
 use themescan::heads::ner::{
     word_shape, InputScaling, NerCard, NerDevScore, NerHead, NerNet, NerNetConfig, NER_HEAD_CARD,
     NER_HEAD_WEIGHTS, WORD_SHAPE_WIDTH,
 };
-use themescan::train::conll::{pack_sentences, read_conll, score_entities, ConllSentence};
 use themescan::{CpuPath, Embedder, ModelSource, TokenSource, WordPooling};
 
-const LANGS: [&str; 9] = ["nl", "ar", "en", "es", "de", "ru", "tr", "id", "fr"];
-
-/// Training files that append a corpus without a MISC class after one with it: from this
-/// sentence on, a name the corpus would call MISC is tagged `O` (see the data README). There
-/// an `O` only says "not PER, ORG or LOC", so the loss marginalises over `O`, `B-MISC` and
-/// `I-MISC` instead of teaching that such names are not entities. Turkish has no MISC at all,
-/// in train and dev alike, so its `O` stays an ordinary label: there, predicting MISC is wrong.
-const MISC_UNKNOWN_FROM: [(&str, usize); 3] = [("ar", 3_567), ("de", 1_980), ("id", 6_720)];
-
-/// Languages written with letter case that lower-casing does not garble.
-const LOWER_CASED: [&str; 7] = ["nl", "en", "es", "de", "ru", "id", "fr"];
+pub(crate) const LANGS: [&str; 9] = ["nl", "ar", "en", "es", "de", "ru", "tr", "id", "fr"];
 
 /// The word features compared, in cache order.
-const KINDS: [(TokenSource, WordPooling); 4] = [
+pub(crate) const KINDS: [(TokenSource, WordPooling); 4] = [
     (TokenSource::LastLayer, WordPooling::First),
     (TokenSource::LayerMean, WordPooling::First),
     (TokenSource::LayerMean, WordPooling::Mean),
@@ -205,238 +199,19 @@ impl Args {
     }
 }
 
+mod data;
+mod dev;
 mod fine_tune;
 mod resume;
 
-/// Sentences of one file, packed into runs; runs spread evenly until `max_words` words.
-struct Split {
-    lang: &'static str,
-    /// `train` or `dev`.
-    name: &'static str,
-    sentences: Vec<ConllSentence>,
-    runs: Vec<Range<usize>>,
-    /// Per kind, row-major `[words, hidden]` over the kept runs in order.
-    features: Vec<Vec<f32>>,
-}
-
-impl Split {
-    fn words(&self) -> usize {
-        self.runs
-            .iter()
-            .flat_map(|r| &self.sentences[r.clone()])
-            .map(|s| s.tokens.len())
-            .sum()
-    }
-}
-
-fn select_runs(sentences: &[ConllSentence], pack: usize, max_words: usize) -> Vec<Range<usize>> {
-    let counts: Vec<usize> = sentences.iter().map(|s| s.tokens.len()).collect();
-    let runs = pack_sentences(&counts, pack);
-    let total: usize = counts.iter().sum();
-    if max_words == 0 || total <= max_words {
-        return runs;
-    }
-    let keep = ((runs.len() as f64) * max_words as f64 / total as f64).ceil() as usize;
-    let step = runs.len() as f64 / keep.max(1) as f64;
-    (0..keep)
-        .map(|i| runs[(i as f64 * step) as usize].clone())
-        .collect()
-}
-
-/// A lower-cased copy of a split's sentences, with runs spread until `max_words` (0: all).
-fn lower_cased(split: &Split, name: &'static str, max_words: usize, pack: usize) -> Split {
-    let sentences: Vec<ConllSentence> = split
-        .sentences
-        .iter()
-        .map(|s| ConllSentence {
-            tokens: s.tokens.iter().map(|t| t.to_lowercase()).collect(),
-            tags: s.tags.clone(),
-            line: s.line,
-        })
-        .collect();
-    let runs = select_runs(&sentences, pack, max_words);
-    Split {
-        lang: split.lang,
-        name,
-        sentences,
-        runs,
-        features: Vec::new(),
-    }
-}
-
-/// The word features of the kinds in `wanted` for the kept runs, cached; other kinds are left
-/// empty.
-fn encode(embedder: &Embedder, split: &mut Split, cache: &Path, wanted: &[usize]) -> Result<()> {
-    let words = split.words();
-    let h = embedder.hidden_size();
-    if let Ok(t) = candle_core::safetensors::load(cache, &Device::Cpu) {
-        let kinds: Option<Vec<Vec<f32>>> = (0..KINDS.len())
-            .map(|k| {
-                if !wanted.contains(&k) {
-                    return Some(Vec::new());
-                }
-                t.get(&format!("k{k}"))
-                    .filter(|x| x.dims() == [words, KINDS[k].0.width(h)])
-                    .and_then(|x| x.flatten_all().ok()?.to_vec1().ok())
-            })
-            .collect();
-        if let Some(kinds) = kinds {
-            split.features = kinds;
-            return Ok(());
-        }
-    }
-    let started = std::time::Instant::now();
-    let mut features: Vec<Vec<f32>> = (0..KINDS.len())
-        .map(|k| {
-            if wanted.contains(&k) {
-                Vec::with_capacity(words * KINDS[k].0.width(h))
-            } else {
-                Vec::new()
-            }
-        })
-        .collect();
-    let mut done = 0;
-    for chunk in split.runs.chunks(16) {
-        let run_words: Vec<Vec<String>> = chunk
-            .iter()
-            .map(|r| {
-                split.sentences[r.clone()]
-                    .iter()
-                    .flat_map(|s| s.tokens.iter().cloned())
-                    .collect()
-            })
-            .collect();
-        let texts: Vec<String> = run_words.iter().map(|w| w.join(" ")).collect();
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let states = embedder.token_states(&refs)?;
-        for (w, state) in run_words.iter().zip(&states) {
-            for &k in wanted {
-                let (source, pooling) = KINDS[k];
-                features[k].extend(state.word_states(w, source, pooling)?);
-            }
-            done += w.len();
-        }
-        eprint!(
-            "\r  {done}/{words} words, {:.0}s",
-            started.elapsed().as_secs_f64()
-        );
-    }
-    eprintln!();
-    std::fs::create_dir_all(cache.parent().expect("cache has a parent"))?;
-    let mut tensors = HashMap::new();
-    for (k, f) in features
-        .iter()
-        .enumerate()
-        .filter(|(k, _)| wanted.contains(k))
-    {
-        tensors.insert(
-            format!("k{k}"),
-            Tensor::from_slice(f, (words, KINDS[k].0.width(h)), &Device::Cpu)?,
-        );
-    }
-    candle_core::safetensors::save(&tensors, cache)?;
-    split.features = features;
-    Ok(())
-}
-
-/// Encodes a split's kept runs (cached, keyed by the split, the CPU path and `encoder_key`,
-/// which names fine-tuned layers) and keeps only the features `args.kind` trains.
-fn encode_split(
-    embedder: &Embedder,
-    split: &mut Split,
-    args: &Args,
-    encoder_key: &str,
-) -> Result<()> {
-    // Keyed by the path too: int8 and f32 states differ slightly.
-    let (wanted, kinds_key) = match args.kind {
-        Some(k) => (vec![k], format!("-k{k}")),
-        None => ((0..KINDS.len()).collect(), String::new()),
-    };
-    let cache = PathBuf::from("target/themescan-cache").join(format!(
-        "ner-{}-{}-w{}-p{}-l{}-{:?}{encoder_key}{kinds_key}.safetensors",
-        split.lang,
-        split.name,
-        split.words(),
-        args.pack_words,
-        args.layers,
-        embedder.cpu_path()
-    ));
-    encode(embedder, split, &cache, &wanted)
-}
-
-/// A split's standardised word rows for one kind (neighbours are joined per batch, so the
-/// training matrix stays one row per word), its gold tags, and per word whether its `O` leaves
-/// MISC open (see [`MISC_UNKNOWN_FROM`]).
-fn rows(
-    split: &Split,
-    kind: usize,
-    scaling: &InputScaling,
-    partial_misc: bool,
-) -> (Vec<f32>, Vec<u32>, Vec<bool>) {
-    let mut feats = split.features[kind].clone();
-    scaling.apply(&mut feats);
-    let misc_from = misc_unknown_from(split, partial_misc);
-    let mut y = Vec::new();
-    let mut misc_open = Vec::new();
-    for r in &split.runs {
-        for i in r.clone() {
-            y.extend(split.sentences[i].tags.iter().map(|t| t.index() as u32));
-        }
-        misc_open.extend(misc_open_words(split, r.clone(), misc_from));
-    }
-    (feats, y, misc_open)
-}
-
-/// The first sentence of `split` whose `O` leaves MISC open (`usize::MAX`: none), see
-/// [`MISC_UNKNOWN_FROM`].
-fn misc_unknown_from(split: &Split, partial_misc: bool) -> usize {
-    MISC_UNKNOWN_FROM
-        .iter()
-        .find(|(lang, _)| partial_misc && split.name.starts_with("train") && *lang == split.lang)
-        .map_or(usize::MAX, |&(_, from)| from)
-}
-
-/// Per word of the sentences `run`, whether its `O` leaves MISC open (sentences from
-/// `misc_from` on, see [`misc_unknown_from`]).
-fn misc_open_words(
-    split: &Split,
-    run: Range<usize>,
-    misc_from: usize,
-) -> impl Iterator<Item = bool> + '_ {
-    run.flat_map(move |i| {
-        split.sentences[i]
-            .tags
-            .iter()
-            .map(move |&t| i >= misc_from && t == Tag::O)
-    })
-}
+use data::{allowed_masks, encode_split, rows, Split};
+use dev::{card_kind, choose_entity_bias, mean_f1, score_dev};
 
 /// Mean over `words` rows of `-log Σ p(allowed)`: cross-entropy over each word's allowed tags
 /// (`allowed` as [`allowed_masks`] makes it; a padding row that allows every tag adds 0).
 fn partial_label_loss(logits: &Tensor, allowed: &Tensor, words: usize) -> Result<Tensor> {
     let log_p = candle_nn::ops::log_softmax(logits, 1)?;
     Ok(((log_p + allowed)?.log_sum_exp(1)?.sum_all()? / words as f64)?.neg()?)
-}
-
-/// Additive log-space masks of the tags each word's label allows: its gold tag, or `O`,
-/// `B-MISC` and `I-MISC` where MISC is open. Cross-entropy over the allowed set
-/// (`-log Σ p(allowed)`) is ordinary cross-entropy for a single allowed tag.
-fn allowed_masks(y: &[u32], misc_open: &[bool]) -> Vec<f32> {
-    let misc = [
-        Tag::O.index(),
-        Tag::B(EntityLabel::Misc).index(),
-        Tag::I(EntityLabel::Misc).index(),
-    ];
-    let mut out = vec![-1e9f32; y.len() * Tag::COUNT];
-    for (i, (&t, &open)) in y.iter().zip(misc_open).enumerate() {
-        out[i * Tag::COUNT + t as usize] = 0.0;
-        if open {
-            for m in misc {
-                out[i * Tag::COUNT + m] = 0.0;
-            }
-        }
-    }
-    out
 }
 
 /// How many times each language's runs are drawn per epoch so that its share of words is
@@ -468,118 +243,6 @@ impl Rng {
     }
 }
 
-/// Per language dev scores of one head, for argmax + repair (`[0]`) and Viterbi (`[1]`).
-fn score_dev(head: &NerHead, dev: &[Split], kind: usize) -> Result<[Vec<NerDevScore>; 2]> {
-    Ok([
-        score_dev_with(head, dev, kind, false)?,
-        score_dev_with(head, dev, kind, true)?,
-    ])
-}
-
-/// Per language dev scores of one head with one decoder. Each run is tagged as one sequence,
-/// as `Analyzer::tag_words` does.
-fn score_dev_with(
-    head: &NerHead,
-    dev: &[Split],
-    kind: usize,
-    viterbi: bool,
-) -> Result<Vec<NerDevScore>> {
-    let h = head.word_width();
-    let mut out = Vec::with_capacity(dev.len());
-    for split in dev {
-        let feats = &split.features[kind];
-        let mut gold = Vec::new();
-        let mut predicted = Vec::new();
-        let mut at = 0;
-        for r in &split.runs {
-            let sentences = &split.sentences[r.clone()];
-            let words: Vec<&str> = sentences
-                .iter()
-                .flat_map(|s| s.tokens.iter().map(String::as_str))
-                .collect();
-            let n = words.len();
-            let rows = &feats[at * h..(at + n) * h];
-            at += n;
-            let mut tags = head.tag_with(rows, &words, viterbi)?.0.into_iter();
-            for s in sentences {
-                let mut t: Vec<Tag> = tags.by_ref().take(s.tokens.len()).collect();
-                repair_bio(&mut t);
-                predicted.push(t);
-            }
-            gold.extend(sentences.iter().map(|s| s.tags.clone()));
-        }
-        let scores = score_entities(&gold, &predicted);
-        out.push(NerDevScore {
-            lang: split.lang.to_string(),
-            sentences: gold.len(),
-            f1: scores.micro.f1(),
-            f1_by_label: scores.per_label.iter().map(|(l, s)| (*l, s.f1())).collect(),
-        });
-    }
-    Ok(out)
-}
-
-/// The feature kind (index in [`KINDS`]) a head's card says it reads.
-fn card_kind(card: &NerCard) -> Result<usize> {
-    KINDS
-        .iter()
-        .position(|&(source, pooling)| source == card.token_source && pooling == card.word_pooling)
-        .with_context(|| {
-            format!(
-                "no feature kind reads {:?}/{:?}",
-                card.token_source, card.word_pooling
-            )
-        })
-}
-
-/// Scores the head in `args.out` on dev with each of `args.entity_biases` added to its entity
-/// tags, keeps the bias with the best mean F1, and rewrites the card with it and its scores.
-/// The bias moves the balance of precision and recall that training left, which the
-/// loss does not aim at (it is per word, F1 is per entity).
-fn choose_entity_bias(args: &Args, dev: &[Split], dev_lower: &[Split]) -> Result<()> {
-    let (head, mut card) = NerHead::from_folder(&args.out, &Device::Cpu)?;
-    let kind = card_kind(&card)?;
-    println!(
-        "\n{:<28} {}  mean",
-        "entity bias",
-        LANGS.map(|l| format!("{l:>6}")).join("")
-    );
-    let mut best: Option<(f64, f32, Vec<NerDevScore>)> = None;
-    for &bias in &args.entity_biases {
-        let scores = score_dev_with(
-            &head.clone().with_entity_bias(bias),
-            dev,
-            kind,
-            card.viterbi,
-        )?;
-        let mean = mean_f1(&scores);
-        println!(
-            "{:<28} {}  {mean:.3}",
-            format!("{bias:+.2}"),
-            scores
-                .iter()
-                .map(|s| format!("{:>6.3}", s.f1))
-                .collect::<String>()
-        );
-        if best.as_ref().is_none_or(|b| mean > b.0) {
-            best = Some((mean, bias, scores));
-        }
-    }
-    let (mean, bias, scores) = best.context("--entity-biases is empty")?;
-    let head = head.with_entity_bias(bias);
-    card.dev_lowercased = score_dev_with(&head, dev_lower, kind, card.viterbi)?;
-    card.entity_bias = bias;
-    card.dev = scores;
-    println!("chosen entity bias {bias:+.2}, mean dev F1 {mean:.3}");
-    for s in &card.dev_lowercased {
-        println!("{} lower-cased: {:.3}", s.lang, s.f1);
-    }
-    let path = args.out.join(NER_HEAD_CARD);
-    std::fs::write(&path, serde_json::to_string_pretty(&card)? + "\n")
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
-}
-
 /// The best head so far: mean dev F1, feature kind, decoder, weights, per-language scores.
 struct Best {
     mean: f64,
@@ -589,10 +252,6 @@ struct Best {
     scores: Vec<NerDevScore>,
     /// Scores on the lower-cased dev copies, same decoder (reported only).
     scores_lower: Vec<NerDevScore>,
-}
-
-fn mean_f1(scores: &[NerDevScore]) -> f64 {
-    scores.iter().map(|s| s.f1).sum::<f64>() / scores.len().max(1) as f64
 }
 
 /// `--fine-tune-layers`: trains the top layers with the head, then scores dev through the
@@ -674,65 +333,12 @@ fn main() -> Result<()> {
     let mut args = Args::parse();
     args.dilations.retain(|&d| d > 0);
 
-    let mut train = Vec::new();
-    let mut dev = Vec::new();
-    let mut dev_lower = Vec::new();
-    let mut data_note = Vec::new();
-    for lang in LANGS {
-        for (split_name, max) in [("train", args.max_train_words), ("dev", args.max_dev_words)] {
-            let path = args.data.join(lang).join(format!("{split_name}.conll"));
-            let sentences =
-                read_conll(&path).with_context(|| format!("reading {}", path.display()))?;
-            let runs = select_runs(&sentences, args.pack_words, max);
-            let split = Split {
-                lang,
-                name: split_name,
-                sentences,
-                runs,
-                features: Vec::new(),
-            };
-            let kept: usize = split.runs.iter().map(ExactSizeIterator::len).sum();
-            eprintln!(
-                "{lang} {split_name}: {} runs, {kept} of {} sentences, {} words",
-                split.runs.len(),
-                split.sentences.len(),
-                split.words()
-            );
-            let lowered = if split_name == "train" {
-                (args.lower_fraction > 0.0 && LOWER_CASED.contains(&lang)).then(|| {
-                    let words = (split.words() as f64 * args.lower_fraction) as usize;
-                    lower_cased(&split, "train-lower", words.max(1), args.pack_words)
-                })
-            } else {
-                args.lower_dev
-                    .iter()
-                    .any(|l| l == lang)
-                    .then(|| lower_cased(&split, "dev-lower", 0, args.pack_words))
-            };
-            if split_name == "train" {
-                data_note.push(format!(
-                    "{lang}/train.conll: {kept} of {} sentences ({} words)",
-                    split.sentences.len(),
-                    split.words()
-                ));
-                train.push(split);
-            } else {
-                dev.push(split);
-            }
-            if let Some(lowered) = lowered {
-                eprintln!("{lang} {}: {} words", lowered.name, lowered.words());
-                if lowered.name == "train-lower" {
-                    data_note.push(format!(
-                        "{lang}/train.conll lower-cased: {} words",
-                        lowered.words()
-                    ));
-                    train.push(lowered);
-                } else {
-                    dev_lower.push(lowered);
-                }
-            }
-        }
-    }
+    let data::Corpora {
+        mut train,
+        mut dev,
+        mut dev_lower,
+        data_note,
+    } = data::load_splits(&args)?;
     if args.fine_tune_layers > 0 {
         anyhow::ensure!(
             !args.word_shape && !args.crf,
