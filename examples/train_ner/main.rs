@@ -164,8 +164,9 @@ struct Args {
     /// labels are marginalised over the paths they allow) and decode with them.
     #[arg(long)]
     crf: bool,
-    /// Entity biases tried on dev once the head is trained ([`NerCard::entity_bias`]); the
-    /// one with the best mean dev F1 goes in the card. `0` alone: none.
+    /// Entity biases tried on dev once a frozen-encoder head is trained
+    /// ([`NerCard::entity_bias`]); the one with the best mean dev F1 goes in the card. `0`
+    /// alone: none. (`--fine-tune-layers` heads keep 0.)
     #[arg(
         long,
         value_delimiter = ',',
