@@ -44,6 +44,18 @@ impl Split {
             .map(|s| s.tokens.len())
             .sum()
     }
+
+    /// The words of each of `runs`, as the encoder gets them (one text per run).
+    pub(crate) fn run_words(&self, runs: &[Range<usize>]) -> Vec<Vec<String>> {
+        runs.iter()
+            .map(|r| {
+                self.sentences[r.clone()]
+                    .iter()
+                    .flat_map(|s| s.tokens.iter().cloned())
+                    .collect()
+            })
+            .collect()
+    }
 }
 
 pub(crate) fn select_runs(
@@ -128,15 +140,7 @@ pub(crate) fn encode(
         .collect();
     let mut done = 0;
     for chunk in split.runs.chunks(16) {
-        let run_words: Vec<Vec<String>> = chunk
-            .iter()
-            .map(|r| {
-                split.sentences[r.clone()]
-                    .iter()
-                    .flat_map(|s| s.tokens.iter().cloned())
-                    .collect()
-            })
-            .collect();
+        let run_words = split.run_words(chunk);
         let texts: Vec<String> = run_words.iter().map(|w| w.join(" ")).collect();
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let states = embedder.token_states(&refs)?;

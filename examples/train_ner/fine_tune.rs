@@ -71,15 +71,7 @@ fn encode_lower(embedder: &Embedder, split: &Split) -> Result<Cached> {
         kept: Vec::new(),
     };
     for (c, chunk) in split.runs.chunks(16).enumerate() {
-        let words: Vec<Vec<String>> = chunk
-            .iter()
-            .map(|r| {
-                split.sentences[r.clone()]
-                    .iter()
-                    .flat_map(|s| s.tokens.iter().cloned())
-                    .collect()
-            })
-            .collect();
+        let words = split.run_words(chunk);
         let texts: Vec<String> = words.iter().map(|w| w.join(" ")).collect();
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let states = embedder.token_states(&refs)?;
