@@ -26,9 +26,11 @@
 //! 4. Dev files are tagged the same way and scored at entity level (conlleval), with per-word
 //!    argmax + BIO repair and with BIO-constrained Viterbi. The feature kind and decoder with the
 //!    best mean F1 over languages are written out.
-//! 5. The written head is scored on dev again with each of `--entity-biases` added to its
-//!    entity tags' scores before decoding; the bias with the best mean F1 goes in its card
-//!    (`--rescore` does only this, for a head already in `--out`).
+//! 5. The written head scores every dev run once, and each of `--entity-biases` is added to
+//!    its entity tags' scores before decoding. The bias with the best F1 (languages weighted by
+//!    their dev sentences) goes in its card if, chosen that way on one half of the dev runs,
+//!    it beats no bias on the other half (both ways round); otherwise 0 (`--rescore` does only
+//!    this, for a head already in `--out`).
 //!
 //! Modules: `data` (corpora, runs, cached features, training rows), `dev` (dev scores, the
 //! entity bias), `fine_tune` and `resume` (`--fine-tune-layers`).
@@ -165,8 +167,9 @@ struct Args {
     #[arg(long)]
     crf: bool,
     /// Entity biases tried on dev once a frozen-encoder head is trained
-    /// ([`NerCard::entity_bias`]); the one with the best mean dev F1 goes in the card. `0`
-    /// alone: none. (`--fine-tune-layers` heads keep 0.)
+    /// ([`NerCard::entity_bias`]); the one with the best dev F1 goes in the card if it also
+    /// pays between halves of dev (step 5 above). `0` alone: none. (`--fine-tune-layers`
+    /// heads keep 0.)
     #[arg(
         long,
         value_delimiter = ',',

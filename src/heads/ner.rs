@@ -86,7 +86,8 @@ pub struct NerCard {
     pub crf: bool,
     /// Added to every entity tag's score (`B-*`, `I-*`) before decoding: above 0 the head
     /// marks more words as entities, below 0 fewer. `train_ner` chooses it on dev, where it
-    /// trades precision for recall; 0 leaves the network's scores as trained.
+    /// trades precision for recall, and keeps it only if a bias chosen on one half of dev
+    /// pays on the other; 0 leaves the network's scores as trained.
     #[serde(default)]
     pub entity_bias: f32,
     /// Seed and epochs.
@@ -504,6 +505,7 @@ pub struct NerHead {
     viterbi: bool,
     word_shape: bool,
     transitions: Option<Transitions>,
+    /// Added to every entity tag's score before decoding ([`NerCard::entity_bias`]).
     entity_bias: f32,
     device: Device,
 }
@@ -774,9 +776,18 @@ impl NerHead {
         self.scaling.mean.len()
     }
 
-    /// Per-word tag scores `[words][Tag::COUNT]` before normalisation, for the row-major word
-    /// states `[words, word_width]` of one run of text and the words themselves.
-    fn emissions<S: AsRef<str>>(&self, word_rows: &[f32], words: &[S]) -> Result<Vec<Vec<f32>>> {
+    /// Per-word tag scores `[words][Tag::COUNT]` as the network gives them (before the entity
+    /// bias and normalisation), for the row-major word states `[words, word_width]` of one
+    /// run of text and the words themselves. [`NerHead::tag_scores`] decodes them; scoring once
+    /// and decoding with several biases is how `train_ner` chooses the bias.
+    ///
+    /// # Errors
+    /// As [`NerHead::log_probs`].
+    pub fn network_scores<S: AsRef<str>>(
+        &self,
+        word_rows: &[f32],
+        words: &[S],
+    ) -> Result<Vec<Vec<f32>>> {
         let h = self.word_width();
         let n = word_rows.len() / h.max(1);
         if n == 0 {
@@ -801,7 +812,7 @@ impl NerHead {
         let row_width = rows.len() / n;
         let joined = with_context(&rows, row_width, self.context);
         let width = joined.len() / n;
-        let mut emissions: Vec<Vec<f32>> = if let Some(host) = &self.host {
+        let emissions: Vec<Vec<f32>> = if let Some(host) = &self.host {
             host.forward(&joined, n)
                 .chunks_exact(Tag::COUNT)
                 .map(<[f32]>::to_vec)
@@ -810,15 +821,25 @@ impl NerHead {
             let x = Tensor::from_vec(joined, (1, n, width), &self.device)?;
             self.net.forward(&x, &[n], 0.0)?.squeeze(0)?.to_vec2()?
         };
+        Ok(emissions)
+    }
+
+    /// [`NerHead::network_scores`] with the entity bias added: what decoding reads.
+    fn emissions<S: AsRef<str>>(&self, word_rows: &[f32], words: &[S]) -> Result<Vec<Vec<f32>>> {
+        let mut scores = self.network_scores(word_rows, words)?;
+        self.add_entity_bias(&mut scores);
+        Ok(scores)
+    }
+
+    fn add_entity_bias(&self, scores: &mut [Vec<f32>]) {
         if self.entity_bias != 0.0 {
             // Index 0 is `O`; every other tag begins or continues an entity.
-            for row in &mut emissions {
+            for row in scores {
                 for score in &mut row[1..] {
                     *score += self.entity_bias;
                 }
             }
         }
-        Ok(emissions)
     }
 
     /// Per-word log-probabilities of the tags, `[words][Tag::COUNT]`, for the row-major word
@@ -876,7 +897,23 @@ impl NerHead {
         words: &[S],
         viterbi: bool,
     ) -> Result<(Vec<Tag>, Vec<f32>)> {
-        let emissions = self.emissions(word_rows, words)?;
+        Ok(self.tag_scores(self.network_scores(word_rows, words)?, viterbi))
+    }
+
+    /// Tags only, as [`NerHead::tag_scores`] decodes them, without the per-word confidence
+    /// (which costs a forward-backward pass with learned transitions).
+    pub fn decode_scores(&self, mut emissions: Vec<Vec<f32>>, viterbi: bool) -> Vec<Tag> {
+        self.add_entity_bias(&mut emissions);
+        match (&self.transitions, viterbi) {
+            (Some(t), true) => t.viterbi(&emissions),
+            _ => decode(&self.normalise(&emissions), viterbi),
+        }
+    }
+
+    /// Tags and per-word confidence, as [`NerHead::tag_with`], from scores that
+    /// [`NerHead::network_scores`] gave (this head's entity bias is added here).
+    pub fn tag_scores(&self, mut emissions: Vec<Vec<f32>>, viterbi: bool) -> (Vec<Tag>, Vec<f32>) {
+        self.add_entity_bias(&mut emissions);
         let log_probs = self.normalise(&emissions);
         let tags = match (&self.transitions, viterbi) {
             (Some(t), true) => t.viterbi(&emissions),
@@ -887,7 +924,7 @@ impl NerHead {
             .zip(&log_probs)
             .map(|(t, lp)| lp[t.index()].exp())
             .collect();
-        Ok((tags, scores))
+        (tags, scores)
     }
 }
 
@@ -981,6 +1018,24 @@ mod tests {
         assert_eq!(entity_words(1e3), 10);
         assert!(entity_words(-1.0) <= entity_words(0.0));
         assert!(entity_words(0.0) <= entity_words(1.0));
+    }
+
+    #[test]
+    fn scoring_once_and_decoding_with_a_bias_matches_tagging_with_it() {
+        let scaling = super::InputScaling {
+            mean: vec![0.0; 6],
+            inv_std: vec![1.0; 6],
+        };
+        let head = super::NerHead::new(scaling, random_net(), 0, true, &Device::Cpu);
+        let words: Vec<String> = (0..10).map(|i| format!("w{i}")).collect();
+        let x = rows(10, 0.5);
+        let scores = head.network_scores(&x, &words).unwrap();
+        for bias in [-2.0, 0.0, 1.5] {
+            let biased = head.clone().with_entity_bias(bias);
+            let tagged = biased.tag(&x, &words).unwrap();
+            assert_eq!(biased.tag_scores(scores.clone(), true), tagged);
+            assert_eq!(biased.decode_scores(scores.clone(), true), tagged.0);
+        }
     }
 
     #[test]
