@@ -1000,15 +1000,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn entity_bias_moves_words_between_o_and_entities() {
+    /// A head over 6-wide states with no input scaling, ten words and their states.
+    fn ten_word_head() -> (super::NerHead, Vec<String>, Vec<f32>) {
         let scaling = super::InputScaling {
             mean: vec![0.0; 6],
             inv_std: vec![1.0; 6],
         };
         let head = super::NerHead::new(scaling, random_net(), 0, true, &Device::Cpu);
-        let words: Vec<String> = (0..10).map(|i| format!("w{i}")).collect();
-        let x = rows(10, 0.5);
+        let words = (0..10).map(|i| format!("w{i}")).collect();
+        (head, words, rows(10, 0.5))
+    }
+
+    #[test]
+    fn entity_bias_moves_words_between_o_and_entities() {
+        let (head, words, x) = ten_word_head();
         let entity_words = |bias: f32| {
             let head = head.clone().with_entity_bias(bias);
             let (tags, _) = head.tag(&x, &words).unwrap();
@@ -1022,13 +1027,7 @@ mod tests {
 
     #[test]
     fn scoring_once_and_decoding_with_a_bias_matches_tagging_with_it() {
-        let scaling = super::InputScaling {
-            mean: vec![0.0; 6],
-            inv_std: vec![1.0; 6],
-        };
-        let head = super::NerHead::new(scaling, random_net(), 0, true, &Device::Cpu);
-        let words: Vec<String> = (0..10).map(|i| format!("w{i}")).collect();
-        let x = rows(10, 0.5);
+        let (head, words, x) = ten_word_head();
         let scores = head.network_scores(&x, &words).unwrap();
         for bias in [-2.0, 0.0, 1.5] {
             let biased = head.clone().with_entity_bias(bias);
