@@ -17,7 +17,8 @@
 //!   `sigmoid(slope · (z - offset))`. That is linear in the pooled vector, so it is written as
 //!   the row's weights; 0.5 is the default threshold for every theme.
 //! - **few-shot row**, for a theme with at least `--min-examples` positive examples: logistic
-//!   regression on the examples' vectors (with the background texts as negatives), started
+//!   regression on the examples' vectors (a positive's two windows that the zero-shot row
+//!   ranks highest, a negative's mean window; the background texts are negatives), started
 //!   from the zero-shot row and held near it by an L2 pull, so a few examples adjust the
 //!   description rather than replace it, and finally mixed with it (`--shrink`). Positives
 //!   and negatives weigh the same in total (a background text less than one of the user's
@@ -234,6 +235,22 @@ pub(crate) struct Row {
 impl Row {
     fn logit(&self, x: &[f32]) -> f32 {
         dot(&self.weights, x) + self.bias
+    }
+
+    /// The mean of the (up to) two windows of `windows` (row-major, `width` wide) that this
+    /// row scores highest: the part of an article that its top-two rule reads.
+    fn top_two_row(&self, windows: &[f32], width: usize) -> Vec<f32> {
+        let mut ranked: Vec<(f32, &[f32])> = windows
+            .chunks_exact(width)
+            .map(|w| (self.logit(w), w))
+            .collect();
+        ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let top: Vec<f32> = ranked
+            .iter()
+            .take(2)
+            .flat_map(|(_, w)| w.iter().copied())
+            .collect();
+        themescan::heads::theme::mean_row(&top, width)
     }
 
     /// The article probability by the head's rule: top-two mean of window probabilities.
@@ -482,9 +499,20 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
         let (row, threshold) = if few_shot {
             let zero = zero_row(&bg_windows);
             let fit = fit.for_positives(positives, args.pull_examples);
+            // An article is scored by its top two windows, and a positive's theme may fill
+            // only part of it: a positive is fitted as the mean of the two windows that the
+            // zero-shot row ranks highest, a negative as its mean window (on dev, 3 samples:
+            // 32 examples per theme 0.857 → 0.866, 8 examples 0.799 → 0.801; the same for
+            // negatives too gained nothing more).
             let mut x: Vec<Vec<f32>> = labelled
                 .iter()
-                .map(|&(i, _)| mean_row(ex_windows[i], width))
+                .map(|&(i, positive)| {
+                    if positive {
+                        zero.top_two_row(ex_windows[i], width)
+                    } else {
+                        mean_row(ex_windows[i], width)
+                    }
+                })
                 .collect();
             let mut y: Vec<bool> = labelled.iter().map(|&(_, t)| t).collect();
             let mut windows: Vec<&[f32]> = labelled.iter().map(|&(i, _)| ex_windows[i]).collect();
@@ -668,6 +696,18 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_positive_is_fitted_as_the_two_windows_its_row_ranks_highest() {
+        // The row reads the first dimension only; windows score 1, 5, 3.
+        let row = Row {
+            weights: vec![1.0, 0.0],
+            bias: 0.0,
+        };
+        let windows = [1.0, 10.0, 5.0, 20.0, 3.0, 40.0];
+        assert_eq!(row.top_two_row(&windows, 2), vec![4.0, 30.0]);
+        assert_eq!(row.top_two_row(&windows[..2], 2), vec![1.0, 10.0]);
+    }
 
     /// Four "languages" that differ along two directions of a 6-wide space.
     fn background() -> (Vec<Vec<f32>>, Vec<&'static str>) {
