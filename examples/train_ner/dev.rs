@@ -33,8 +33,9 @@ pub(crate) fn score_dev_with(
     Ok(score_runs(head, &network_scores(head, dev, kind)?, viterbi))
 }
 
-/// One dev run as the network scored it: the scores before any tag bias, its sentences'
-/// lengths and gold tags.
+/// One dev run as the network scored it: the scores before any entity bias, and its
+/// sentences' gold tags.
+#[derive(Clone)]
 struct ScoredRun {
     scores: Vec<Vec<f32>>,
     gold: Vec<Vec<Tag>>,
@@ -57,10 +58,7 @@ impl ScoredSplit {
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| i % 2 == half)
-                .map(|(_, r)| ScoredRun {
-                    scores: r.scores.clone(),
-                    gold: r.gold.clone(),
-                })
+                .map(|(_, r)| r.clone())
                 .collect(),
         }
     }
@@ -96,7 +94,7 @@ fn network_scores(head: &NerHead, dev: &[Split], kind: usize) -> Result<Vec<Scor
     Ok(out)
 }
 
-/// Per language dev scores of `head` (with its tag biases) on scored runs.
+/// Per language dev scores of `head` (with its entity bias) on scored runs.
 fn score_runs(head: &NerHead, scored: &[ScoredSplit], viterbi: bool) -> Vec<NerDevScore> {
     scored
         .iter()
@@ -208,7 +206,7 @@ pub(crate) fn choose_entity_bias(args: &Args, dev: &[Split], dev_lower: &[Split]
     card.dev = score_runs(&head, &scored, card.viterbi);
     card.dev_lowercased = score_dev_with(&head, dev_lower, kind, card.viterbi)?;
     card.entity_bias = bias;
-    for s in card.dev.iter() {
+    for s in &card.dev {
         println!("{}: {:.3}", s.lang, s.f1);
     }
     for s in &card.dev_lowercased {

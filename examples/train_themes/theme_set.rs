@@ -502,7 +502,7 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
             // An article is scored by its top two windows, and a positive's theme may fill
             // only part of it: a positive is fitted as the mean of the two windows that the
             // zero-shot row ranks highest, a negative as its mean window (on dev, 3 samples:
-            // 32 examples per theme 0.857 → 0.866, 8 examples 0.799 → 0.801; the same for
+            // 32 examples per theme 0.858 → 0.867, 8 examples 0.800 → 0.801; the same for
             // negatives too gained nothing more).
             let mut x: Vec<Vec<f32>> = labelled
                 .iter()
