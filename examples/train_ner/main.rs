@@ -32,8 +32,11 @@
 //!    it beats no bias on the other half (both ways round); otherwise 0 (`--rescore` does only
 //!    this, for a head already in `--out`).
 //!
+//! 6. `--combine DIR DIR ...` joins heads trained alike with other `--seed`s into one
+//!    ensemble head whose tag scores are the mean of theirs.
+//!
 //! Modules: `data` (corpora, runs, cached features, training rows), `dev` (dev scores, the
-//! entity bias), `fine_tune` and `resume` (`--fine-tune-layers`).
+//! entity bias), `combine` (`--combine`), `fine_tune` and `resume` (`--fine-tune-layers`).
 //!
 //! `--fine-tune-layers K` instead trains the encoder's top K layers with the head (see
 //! `fine_tune.rs`) and writes them beside it as `encoder-layers.safetensors`; the theme head
@@ -181,6 +184,11 @@ struct Args {
     /// features and layers as its card says) and rewrite its card.
     #[arg(long)]
     rescore: bool,
+    /// Train nothing: join the heads in these folders (trained with the same flags and other
+    /// `--seed`s) into one head in `--out` whose tag scores are the mean of theirs; run
+    /// `--rescore` on it next for its entity bias and dev figures.
+    #[arg(long, num_args = 2..)]
+    combine: Vec<PathBuf>,
 }
 
 impl Args {
@@ -203,6 +211,7 @@ impl Args {
     }
 }
 
+mod combine;
 mod data;
 mod dev;
 mod fine_tune;
@@ -336,6 +345,9 @@ fn fine_tuned(
 fn main() -> Result<()> {
     let mut args = Args::parse();
     args.dilations.retain(|&d| d > 0);
+    if !args.combine.is_empty() {
+        return combine::combine(&args.combine, &args.out);
+    }
 
     let data::Corpora {
         mut train,
@@ -736,6 +748,7 @@ fn write_head(
         word_shape: args.word_shape,
         crf: args.crf,
         entity_bias: 0.0,
+        members: 1,
         seed: args.seed,
         epochs: args.epochs,
         dev: scores,

@@ -90,6 +90,12 @@ pub struct NerCard {
     /// pays on the other; 0 leaves the network's scores as trained.
     #[serde(default)]
     pub entity_bias: f32,
+    /// Networks whose tag scores are averaged: an ensemble of heads trained alike with
+    /// different seeds (`train_ner --combine`). Member 0's tensors have the plain names,
+    /// member `k`'s the prefix `m{k}.`; learned transitions are averaged too, so the decoder
+    /// reads the mean of the members' potentials. Cards without it: 1.
+    #[serde(default = "one_member")]
+    pub members: usize,
     /// Seed and epochs.
     pub seed: u64,
     /// Epochs of training.
@@ -100,6 +106,10 @@ pub struct NerCard {
     /// used to choose anything.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dev_lowercased: Vec<NerDevScore>,
+}
+
+fn one_member() -> usize {
+    1
 }
 
 /// Row-major word features `[words, hidden]` → `[words, (2·context + 1)·hidden]`: each word's
@@ -497,10 +507,8 @@ impl NerNet {
 /// [`Transitions`] if it has them).
 #[derive(Debug, Clone)]
 pub struct NerHead {
-    scaling: InputScaling,
-    net: NerNet,
-    /// The same network on the host, for heads loaded for the CPU (see [`super::dense`]).
-    host: Option<HostNerNet>,
+    /// One network, or several whose tag scores are averaged ([`NerCard::members`]).
+    members: Vec<NerMember>,
     context: usize,
     viterbi: bool,
     word_shape: bool,
@@ -508,6 +516,53 @@ pub struct NerHead {
     /// Added to every entity tag's score before decoding ([`NerCard::entity_bias`]).
     entity_bias: f32,
     device: Device,
+}
+
+/// One network of a [`NerHead`]: its input scaling and layers.
+#[derive(Debug, Clone)]
+struct NerMember {
+    scaling: InputScaling,
+    net: NerNet,
+    /// The same network on the host, for heads loaded for the CPU (see [`super::dense`]).
+    host: Option<HostNerNet>,
+}
+
+impl NerMember {
+    /// Tag scores `[words][Tag::COUNT]` for the word states `[words, state width]` (scaled
+    /// here), each followed by its word's shape where `shapes` is given, joined with
+    /// `context` neighbours on each side.
+    fn scores(
+        &self,
+        word_rows: &[f32],
+        shapes: Option<&[[f32; WORD_SHAPE_WIDTH]]>,
+        context: usize,
+        device: &Device,
+    ) -> Result<Vec<Vec<f32>>> {
+        let h = self.scaling.mean.len();
+        let n = word_rows.len() / h.max(1);
+        let mut rows = word_rows.to_vec();
+        self.scaling.apply(&mut rows);
+        if let Some(shapes) = shapes {
+            let mut shaped = Vec::with_capacity(n * (h + WORD_SHAPE_WIDTH));
+            for (row, shape) in rows.chunks_exact(h).zip(shapes) {
+                shaped.extend_from_slice(row);
+                shaped.extend_from_slice(shape);
+            }
+            rows = shaped;
+        }
+        let row_width = rows.len() / n;
+        let joined = with_context(&rows, row_width, context);
+        let width = joined.len() / n;
+        Ok(if let Some(host) = &self.host {
+            host.forward(&joined, n)
+                .chunks_exact(Tag::COUNT)
+                .map(<[f32]>::to_vec)
+                .collect()
+        } else {
+            let x = Tensor::from_vec(joined, (1, n, width), device)?;
+            self.net.forward(&x, &[n], 0.0)?.squeeze(0)?.to_vec2()?
+        })
+    }
 }
 
 /// [`NerNet`]'s layers as host dense layers.
@@ -656,9 +711,11 @@ impl NerHead {
         device: &Device,
     ) -> Self {
         NerHead {
-            scaling,
-            net,
-            host: None,
+            members: vec![NerMember {
+                scaling,
+                net,
+                host: None,
+            }],
             context,
             viterbi,
             word_shape: false,
@@ -727,30 +784,61 @@ impl NerHead {
             });
         }
         let state_width = row_width - shape_width;
+        if card.members == 0 {
+            return Err(Error::Config {
+                path: card_path,
+                message: "members is 0: a head needs at least one network".into(),
+            });
+        }
         let data = std::fs::read(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
         let vb = VarBuilder::from_buffered_safetensors(data, DType::F32, device)?;
-        let scaling = InputScaling {
-            mean: vb.get(state_width, "input.mean")?.to_vec1()?,
-            inv_std: vb.get(state_width, "input.inv_std")?.to_vec1()?,
-        };
-        let transitions = if card.crf {
-            Some(Transitions::new(
-                &vb.get(Tag::COUNT, "crf.start")?.to_vec1()?,
-                &vb.get((Tag::COUNT, Tag::COUNT), "crf.transitions")?
+        let mut members = Vec::with_capacity(card.members);
+        let mut start = vec![0f32; Tag::COUNT];
+        let mut moves = vec![0f32; Tag::COUNT * Tag::COUNT];
+        for k in 0..card.members {
+            let vb = if k == 0 {
+                vb.clone()
+            } else {
+                vb.pp(format!("m{k}"))
+            };
+            let scaling = InputScaling {
+                mean: vb.get(state_width, "input.mean")?.to_vec1()?,
+                inv_std: vb.get(state_width, "input.inv_std")?.to_vec1()?,
+            };
+            if card.crf {
+                // The decoder reads the mean of the members' potentials: transitions are
+                // averaged as the emissions are.
+                let s: Vec<f32> = vb.get(Tag::COUNT, "crf.start")?.to_vec1()?;
+                let t: Vec<f32> = vb
+                    .get((Tag::COUNT, Tag::COUNT), "crf.transitions")?
                     .flatten_all()?
-                    .to_vec1()?,
-            ))
-        } else {
-            None
-        };
-        let net = NerNet::load(vb, &card.net_config())?;
-        let mut head = NerHead::new(scaling, net, card.context, card.viterbi, device)
-            .with_word_shape(card.word_shape)
-            .with_transitions(transitions)
-            .with_entity_bias(card.entity_bias);
-        if device.is_cpu() {
-            head.host = Some(HostNerNet::from_net(&head.net)?);
+                    .to_vec1()?;
+                start.iter_mut().zip(&s).for_each(|(a, b)| *a += b);
+                moves.iter_mut().zip(&t).for_each(|(a, b)| *a += b);
+            }
+            let net = NerNet::load(vb, &card.net_config())?;
+            let host = if device.is_cpu() {
+                Some(HostNerNet::from_net(&net)?)
+            } else {
+                None
+            };
+            members.push(NerMember { scaling, net, host });
         }
+        let k = card.members as f32;
+        let transitions = card.crf.then(|| {
+            start.iter_mut().for_each(|v| *v /= k);
+            moves.iter_mut().for_each(|v| *v /= k);
+            Transitions::new(&start, &moves)
+        });
+        let head = NerHead {
+            members,
+            context: card.context,
+            viterbi: card.viterbi,
+            word_shape: card.word_shape,
+            transitions,
+            entity_bias: card.entity_bias,
+            device: device.clone(),
+        };
         Ok((head, card))
     }
 
@@ -759,7 +847,7 @@ impl NerHead {
     /// layer stays f32. With the 512-wide head, full analysis went from 0.71× to 0.89× the
     /// encoder-only throughput (`benches/analysis.rs`, 2 threads, VNNI).
     pub fn use_int8(&mut self, kernel: Kernel) {
-        if let Some(host) = &mut self.host {
+        for host in self.members.iter_mut().filter_map(|m| m.host.as_mut()) {
             host.hidden.use_int8(kernel);
             for (layer, _) in &mut host.mixers {
                 layer.use_int8(kernel);
@@ -773,7 +861,7 @@ impl NerHead {
 
     /// Width of one word's encoder state (what the caller passes per word).
     pub fn word_width(&self) -> usize {
-        self.scaling.mean.len()
+        self.members[0].scaling.mean.len()
     }
 
     /// Per-word tag scores `[words][Tag::COUNT]` as the network gives them (before the entity
@@ -793,34 +881,31 @@ impl NerHead {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let mut rows = word_rows.to_vec();
-        self.scaling.apply(&mut rows);
-        if self.word_shape {
+        let shapes: Option<Vec<[f32; WORD_SHAPE_WIDTH]>> = if self.word_shape {
             if words.len() != n {
                 return Err(Error::Setting(format!(
                     "the NER head reads the words' shapes: {} words given for {n} word states",
                     words.len()
                 )));
             }
-            let mut shaped = Vec::with_capacity(n * (h + WORD_SHAPE_WIDTH));
-            for (row, word) in rows.chunks_exact(h).zip(words) {
-                shaped.extend_from_slice(row);
-                shaped.extend_from_slice(&word_shape(word.as_ref()));
-            }
-            rows = shaped;
-        }
-        let row_width = rows.len() / n;
-        let joined = with_context(&rows, row_width, self.context);
-        let width = joined.len() / n;
-        let emissions: Vec<Vec<f32>> = if let Some(host) = &self.host {
-            host.forward(&joined, n)
-                .chunks_exact(Tag::COUNT)
-                .map(<[f32]>::to_vec)
-                .collect()
+            Some(words.iter().map(|w| word_shape(w.as_ref())).collect())
         } else {
-            let x = Tensor::from_vec(joined, (1, n, width), &self.device)?;
-            self.net.forward(&x, &[n], 0.0)?.squeeze(0)?.to_vec2()?
+            None
         };
+        let score =
+            |m: &NerMember| m.scores(word_rows, shapes.as_deref(), self.context, &self.device);
+        let mut emissions = score(&self.members[0])?;
+        if self.members.len() > 1 {
+            for member in &self.members[1..] {
+                for (row, other) in emissions.iter_mut().zip(score(member)?) {
+                    row.iter_mut().zip(other).for_each(|(a, b)| *a += b);
+                }
+            }
+            let k = self.members.len() as f32;
+            for row in &mut emissions {
+                row.iter_mut().for_each(|v| *v /= k);
+            }
+        }
         Ok(emissions)
     }
 
@@ -1035,6 +1120,95 @@ mod tests {
             assert_eq!(biased.tag_scores(scores.clone(), true), tagged);
             assert_eq!(biased.decode_scores(scores.clone(), true), tagged.0);
         }
+    }
+
+    /// Writes a head folder whose card has `members` networks: `nets[k]`'s tensors under
+    /// member `k`'s names, unscaled inputs.
+    fn head_folder(nets: &[&VarMap]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tensors = std::collections::HashMap::new();
+        for (k, varmap) in nets.iter().enumerate() {
+            let prefix = if k == 0 {
+                String::new()
+            } else {
+                format!("m{k}.")
+            };
+            for (name, var) in varmap.data().lock().unwrap().iter() {
+                tensors.insert(format!("{prefix}{name}"), var.as_tensor().clone());
+            }
+            tensors.insert(
+                format!("{prefix}input.mean"),
+                Tensor::zeros(6, DType::F32, &Device::Cpu).unwrap(),
+            );
+            tensors.insert(
+                format!("{prefix}input.inv_std"),
+                Tensor::ones(6, DType::F32, &Device::Cpu).unwrap(),
+            );
+        }
+        candle_core::safetensors::save(&tensors, dir.path().join(super::NER_HEAD_WEIGHTS)).unwrap();
+        let tags: Vec<String> = (0..Tag::COUNT)
+            .map(|i| Tag::from_index(i).unwrap().to_string())
+            .collect();
+        let card = serde_json::json!({
+            "tags": tags, "input_size": 6, "hidden_size": 8, "dilations": [1, 2],
+            "attention_heads": 2, "attention_span": 3, "encoder": "test",
+            "training_data": [], "token_source": "layer_mean", "layers": 8,
+            "word_pooling": "mean", "context": 0, "pack_words": 200, "viterbi": true,
+            "members": nets.len(), "seed": 1, "epochs": 1, "dev": []
+        });
+        std::fs::write(dir.path().join(super::NER_HEAD_CARD), card.to_string()).unwrap();
+        dir
+    }
+
+    fn random_varmap() -> VarMap {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let config = NerNetConfig {
+            input_size: 6,
+            hidden_size: 8,
+            dilations: vec![1, 2],
+            attention_heads: 2,
+            attention_span: 3,
+        };
+        NerNet::load(vb, &config).unwrap();
+        varmap
+    }
+
+    #[test]
+    fn an_ensemble_scores_words_by_the_mean_of_its_networks() {
+        let (a, b) = (random_varmap(), random_varmap());
+        let load = |nets: &[&VarMap]| {
+            let dir = head_folder(nets);
+            super::NerHead::from_folder(dir.path(), &Device::Cpu).unwrap()
+        };
+        let words: Vec<String> = (0..9).map(|i| format!("w{i}")).collect();
+        let x = rows(9, 0.25);
+        let (one, card) = load(&[&a]);
+        assert_eq!(card.members, 1);
+        let (two, card) = load(&[&a, &b]);
+        assert_eq!(card.members, 2);
+        let (sa, sb) = (
+            one.network_scores(&x, &words).unwrap(),
+            load(&[&b]).0.network_scores(&x, &words).unwrap(),
+        );
+        assert_ne!(sa, sb);
+        for ((got, ra), rb) in two
+            .network_scores(&x, &words)
+            .unwrap()
+            .iter()
+            .zip(&sa)
+            .zip(&sb)
+        {
+            for ((g, a), b) in got.iter().zip(ra).zip(rb) {
+                assert!(
+                    (g - (a + b) / 2.0).abs() < 1e-5,
+                    "{g} vs mean of {a} and {b}"
+                );
+            }
+        }
+        // The same network twice tags as it does alone.
+        let (twice, _) = load(&[&a, &a]);
+        assert_eq!(twice.tag(&x, &words).unwrap(), one.tag(&x, &words).unwrap());
     }
 
     #[test]
