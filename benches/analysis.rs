@@ -6,7 +6,7 @@
 //! Run: `bash models/fetch.sh && cargo bench --bench analysis`. Throughput is in encoder tokens
 //! per second; `themes+ner` over `encoder-only` is the cost of everything but the encoder.
 //! After the criterion groups, a paired line alternates the two for 15 rounds and prints the
-//! median throughput ratio.
+//! median throughput ratio. `THEMESCAN_BENCH_HEADS=DIR` measures another heads folder.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use themescan::{Analyzer, Article};
@@ -24,8 +24,11 @@ fn news() -> Vec<Article> {
 }
 
 fn bench_analysis(c: &mut Criterion) {
-    let analyzer = Analyzer::builder()
-        .threads(2)
+    let mut builder = Analyzer::builder().threads(2);
+    if let Ok(folder) = std::env::var("THEMESCAN_BENCH_HEADS") {
+        builder = builder.heads(folder);
+    }
+    let analyzer = builder
         .build()
         .expect("the default model and heads (run `bash models/fetch.sh` first)");
     let embedder = analyzer.embedder();
