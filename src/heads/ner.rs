@@ -1038,8 +1038,9 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
     use candle_nn::{VarBuilder, VarMap};
 
-    /// A randomly initialised network with mixers and span-3 attention.
-    fn random_net() -> NerNet {
+    /// A randomly initialised network with mixers and span-3 attention, and the variables
+    /// that hold its weights.
+    fn random_varmap_and_net() -> (VarMap, NerNet) {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let config = NerNetConfig {
@@ -1049,7 +1050,12 @@ mod tests {
             attention_heads: 2,
             attention_span: 3,
         };
-        NerNet::load(vb, &config).unwrap()
+        let net = NerNet::load(vb, &config).unwrap();
+        (varmap, net)
+    }
+
+    fn random_net() -> NerNet {
+        random_varmap_and_net().1
     }
 
     fn rows(words: usize, seed: f32) -> Vec<f32> {
@@ -1160,23 +1166,9 @@ mod tests {
         dir
     }
 
-    fn random_varmap() -> VarMap {
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let config = NerNetConfig {
-            input_size: 6,
-            hidden_size: 8,
-            dilations: vec![1, 2],
-            attention_heads: 2,
-            attention_span: 3,
-        };
-        NerNet::load(vb, &config).unwrap();
-        varmap
-    }
-
     #[test]
     fn an_ensemble_scores_words_by_the_mean_of_its_networks() {
-        let (a, b) = (random_varmap(), random_varmap());
+        let (a, b) = (random_varmap_and_net().0, random_varmap_and_net().0);
         let load = |nets: &[&VarMap]| {
             let dir = head_folder(nets);
             super::NerHead::from_folder(dir.path(), &Device::Cpu).unwrap()
