@@ -54,8 +54,8 @@ def toml_string(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)
 
 
-def write_set(path: Path, k: int, seed: int, rows) -> None:
-    described = tomllib.loads((ROOT / "examples/theme-sets/built-in-described.toml").read_text())
+def write_set(path: Path, k: int, seed: int, rows, described_file: Path) -> None:
+    described = tomllib.loads(described_file.read_text())
     rng = random.Random(seed)
     negatives = [r for r in rows if not r["labels"]]
     chosen = []
@@ -87,6 +87,12 @@ def main() -> int:
     ap.add_argument("--work", default="target/theme-set-curve")
     ap.add_argument("--threads", default="2")
     ap.add_argument("--train-args", default="", help="extra train_themes arguments")
+    ap.add_argument("--set", default="examples/theme-sets/built-in-described.toml",
+                    help="the descriptions of the four themes, as a theme-set file")
+    ap.add_argument("--seed-offset", type=int, default=0, help="first sample seed")
+    ap.add_argument("--fast", action="store_true",
+                    help="score with train_themes --score-on (cached features) instead of "
+                         "evaluate; the time column then includes the scoring")
     args = ap.parse_args()
     work = ROOT / args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -96,20 +102,25 @@ def main() -> int:
     print("| --- | --- | --- | --- | --- |")
     for k in args.examples:
         scores, times = [], []
-        for seed in range(args.samples if k else 1):
+        for seed in range(args.seed_offset, args.seed_offset + (args.samples if k else 1)):
             set_file = work / f"k{k}-s{seed}.toml"
             out = work / f"k{k}-s{seed}"
-            write_set(set_file, k, seed, rows)
+            write_set(set_file, k, seed, rows, ROOT / args.set)
             started = time.monotonic()
-            subprocess.run(
+            fast = ["--score-on", args.input, "--score-split", args.split] if args.fast else []
+            trained = subprocess.run(
                 [str(bin_dir / "train_themes"), "--theme-set", str(set_file), "--out", str(out),
-                 "--threads", args.threads, *args.train_args.split()],
-                cwd=ROOT, check=True, stderr=subprocess.DEVNULL)
+                 "--threads", args.threads, *fast, *args.train_args.split()],
+                cwd=ROOT, check=True, stderr=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                text=True)
             times.append(time.monotonic() - started)
-            result = subprocess.run(
-                [str(bin_dir / "evaluate"), "themes", "--heads", str(out), "--input", args.input,
-                 "--split", args.split, "--threads", args.threads],
-                cwd=ROOT, check=True, capture_output=True, text=True)
+            if args.fast:
+                result = trained
+            else:
+                result = subprocess.run(
+                    [str(bin_dir / "evaluate"), "themes", "--heads", str(out), "--input",
+                     args.input, "--split", args.split, "--threads", args.threads],
+                    cwd=ROOT, check=True, capture_output=True, text=True)
             (work / f"k{k}-s{seed}.eval.txt").write_text(result.stdout)
             scores.append(float(re.search(r"^macro_f1 ([0-9.]+)$", result.stdout, re.M).group(1)))
             print(f"  k={k} sample {seed}: macro_f1 {scores[-1]:.4f}, trained in {times[-1]:.1f}s",

@@ -116,6 +116,15 @@ struct Args {
     /// a pull weakened as 1/n and a mix-back as 1/√n (0: fixed).
     #[arg(long, default_value_t = 8)]
     pull_examples: usize,
+    /// Theme sets: after training, score the head on these labelled texts (a JSONL file or a
+    /// folder of them, as `evaluate themes --input` reads) from the cached window features and
+    /// print macro-F1: a fast loop for choosing settings on the dev split. `evaluate themes`
+    /// gives the same figures through the library.
+    #[arg(long)]
+    score_on: Option<PathBuf>,
+    /// Theme sets: with --score-on, only the dev stories (`dev`) or every text (`all`).
+    #[arg(long, default_value = "all", value_parser = ["all", "dev"])]
+    score_split: String,
     /// Theme sets: learning rate of a few-shot row.
     #[arg(long, default_value_t = 1e-2)]
     set_lr: f64,

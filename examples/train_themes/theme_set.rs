@@ -593,6 +593,18 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
         });
     }
 
+    if let Some(input) = &args.score_on {
+        score_rows(
+            args,
+            input,
+            &embedder,
+            &themes,
+            &rows,
+            &thresholds,
+            layer_mean,
+        )?;
+    }
+
     // The head: one linear layer, `m0.output`, as `ThemeHead` loads it.
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let weights = Tensor::from_vec(
@@ -690,6 +702,64 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
         out.display(),
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// `--score-on`: macro-F1 of `rows` on labelled texts, by the head's own rule (top two
+/// windows' probabilities), from the cached window features.
+fn score_rows(
+    args: &Args,
+    input: &Path,
+    embedder: &Embedder,
+    themes: &[themescan::Theme],
+    rows: &[Row],
+    thresholds: &[f32],
+    layer_mean: Option<(usize, Option<usize>)>,
+) -> Result<()> {
+    let files: Vec<PathBuf> = if input.is_dir() {
+        super::data_files(input)?
+    } else {
+        vec![input.to_path_buf()]
+    };
+    let mut labelled = Vec::new();
+    for f in files {
+        labelled.extend(
+            themescan::train::read_theme_examples(&f)
+                .with_context(|| format!("reading {}", f.display()))?,
+        );
+    }
+    labelled.retain(|e| match args.score_split.as_str() {
+        "dev" => themescan::train::is_dev_story(&e.story),
+        _ => true,
+    });
+    anyhow::ensure!(
+        !labelled.is_empty(),
+        "no labelled texts in {}",
+        input.display()
+    );
+    let pooling = Pooling::MeanMaxWithLayerMean;
+    let width = pooling.output_size(embedder.hidden_size());
+    let texts: Vec<&str> = labelled.iter().map(|e| e.text.as_str()).collect();
+    let features = window_features(embedder, &texts, pooling, layer_mean, args.cpu_path, &None)?;
+    let windows = features.per_text();
+    let gold: Vec<Vec<bool>> = labelled.iter().map(|e| e.flags(themes)).collect();
+    let predicted: Vec<Vec<bool>> = windows
+        .iter()
+        .map(|w| {
+            rows.iter()
+                .zip(thresholds)
+                .map(|(r, &t)| r.article_prob(w, width) >= t)
+                .collect()
+        })
+        .collect();
+    let metrics = theme_metrics(themes, &gold, &predicted);
+    for m in &metrics {
+        println!(
+            "{} precision {:.4} recall {:.4} f1 {:.4}",
+            m.theme, m.precision, m.recall, m.f1
+        );
+    }
+    println!("macro_f1 {:.4}", macro_f1(&metrics));
     Ok(())
 }
 
