@@ -188,7 +188,11 @@ impl From<AggregationArg> for Aggregation {
     }
 }
 
+/// The `.jsonl` files of a folder, sorted; a file given instead is the one file.
 fn data_files(folder: &Path) -> Result<Vec<PathBuf>> {
+    if folder.is_file() {
+        return Ok(vec![folder.to_path_buf()]);
+    }
     let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
         .with_context(|| format!("reading {}", folder.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -92,13 +92,8 @@ impl Fit {
 /// Reads the background news (`text` of every line of every `.jsonl` in `folder`, or of the
 /// one file).
 pub(crate) fn background_texts(path: &Path) -> Result<Vec<(String, String)>> {
-    let files: Vec<PathBuf> = if path.is_dir() {
-        super::data_files(path)?
-    } else {
-        vec![path.to_path_buf()]
-    };
     let mut texts = Vec::new();
-    for f in files {
+    for f in super::data_files(path)? {
         let content =
             std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
         for (i, line) in content.lines().enumerate() {
@@ -716,13 +711,8 @@ fn score_rows(
     thresholds: &[f32],
     layer_mean: Option<(usize, Option<usize>)>,
 ) -> Result<()> {
-    let files: Vec<PathBuf> = if input.is_dir() {
-        super::data_files(input)?
-    } else {
-        vec![input.to_path_buf()]
-    };
     let mut labelled = Vec::new();
-    for f in files {
+    for f in super::data_files(input)? {
         labelled.extend(
             themescan::train::read_theme_examples(&f)
                 .with_context(|| format!("reading {}", f.display()))?,
