@@ -19,14 +19,14 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use themescan::entities::Tag;
 use themescan::train::conll::{read_conll, score_entities};
 use themescan::train::{
-    expected_calibration_error, is_dev_story, macro_f1, read_theme_examples, theme_metrics,
+    expected_calibration_error, is_dev_story, macro_f1, read_theme_data, theme_metrics,
     ThemeExample,
 };
 use themescan::{Analyzer, Article, CpuPath, ModelSource};
@@ -97,24 +97,6 @@ enum Command {
     },
 }
 
-fn read_examples(input: &Path) -> Result<Vec<ThemeExample>> {
-    let files: Vec<PathBuf> = if input.is_dir() {
-        let mut f: Vec<PathBuf> = std::fs::read_dir(input)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-            .collect();
-        f.sort();
-        f
-    } else {
-        vec![input.to_path_buf()]
-    };
-    let mut out = Vec::new();
-    for f in files {
-        out.extend(read_theme_examples(&f).with_context(|| format!("reading {}", f.display()))?);
-    }
-    Ok(out)
-}
-
 fn analyzer(
     model: Option<PathBuf>,
     heads: &[PathBuf],
@@ -147,7 +129,7 @@ fn main() -> Result<()> {
             cpu_path,
             predictions,
         } => {
-            let examples: Vec<ThemeExample> = read_examples(&input)?
+            let examples: Vec<ThemeExample> = read_theme_data(&input)?
                 .into_iter()
                 .filter(|e| match split {
                     Split::All => true,

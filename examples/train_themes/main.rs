@@ -30,7 +30,7 @@ use themescan::heads::theme::{mean_row, Aggregation, Platt, THEME_HEAD_CARD, THE
 use themescan::heads::{Pooling, ThemeCard, ThemeHead};
 use themescan::train::{
     best_threshold, best_threshold_within, expected_calibration_error, fit_platt, is_dev_story,
-    macro_f1, read_theme_examples, story_fold, theme_metrics,
+    macro_f1, read_theme_examples, story_fold, theme_data_files, theme_metrics,
 };
 use themescan::{CpuPath, Embedder, ModelSource, Theme};
 
@@ -186,21 +186,6 @@ impl From<AggregationArg> for Aggregation {
             AggregationArg::Max => Aggregation::Max,
         }
     }
-}
-
-/// The `.jsonl` files of a folder, sorted; a file given instead is the one file.
-fn data_files(folder: &Path) -> Result<Vec<PathBuf>> {
-    if folder.is_file() {
-        return Ok(vec![folder.to_path_buf()]);
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
-        .with_context(|| format!("reading {}", folder.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .collect();
-    files.sort();
-    anyhow::ensure!(!files.is_empty(), "no .jsonl files in {}", folder.display());
-    Ok(files)
 }
 
 /// Pooled vectors of every window of each text: `rows` (row-major, `width` wide) and, per
@@ -547,7 +532,7 @@ fn main() -> Result<()> {
         .out
         .get_or_insert_with(|| PathBuf::from("models/heads"))
         .clone();
-    let files = data_files(&args.data)?;
+    let files = theme_data_files(&args.data)?;
     let mut hasher = Sha256::new();
     let mut examples = Vec::new();
     for f in &files {

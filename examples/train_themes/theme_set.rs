@@ -93,7 +93,7 @@ impl Fit {
 /// one file).
 pub(crate) fn background_texts(path: &Path) -> Result<Vec<(String, String)>> {
     let mut texts = Vec::new();
-    for f in super::data_files(path)? {
+    for f in themescan::train::theme_data_files(path)? {
         let content =
             std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
         for (i, line) in content.lines().enumerate() {
@@ -711,13 +711,7 @@ fn score_rows(
     thresholds: &[f32],
     layer_mean: Option<(usize, Option<usize>)>,
 ) -> Result<()> {
-    let mut labelled = Vec::new();
-    for f in super::data_files(input)? {
-        labelled.extend(
-            themescan::train::read_theme_examples(&f)
-                .with_context(|| format!("reading {}", f.display()))?,
-        );
-    }
+    let mut labelled = themescan::train::read_theme_data(input)?;
     labelled.retain(|e| match args.score_split.as_str() {
         "dev" => themescan::train::is_dev_story(&e.story),
         _ => true,

@@ -1,7 +1,8 @@
 //! Readers for labelled data and the metrics that judge the heads.
 //!
 //! - [`read_theme_examples`]: the JSONL theme data (`id`, `text`, `labels`, optional `lang`,
-//!   `story`), with the file and line of any bad record in the error.
+//!   `story`), with the file and line of any bad record in the error; [`theme_data_files`] and
+//!   [`read_theme_data`] take a folder of such files as well as one file.
 //! - [`is_dev_story`]: the held-out split, by story, stable across runs and machines.
 //! - [`theme_metrics`], [`macro_f1`], [`best_threshold`]: precision/recall/F1 per theme.
 //! - [`fit_platt`], [`expected_calibration_error`]: scores that read as probabilities, and how
@@ -10,7 +11,7 @@
 
 pub mod conll;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::heads::theme::Platt;
@@ -64,6 +65,43 @@ pub fn read_theme_examples(path: &Path) -> Result<Vec<ThemeExample>> {
             ex.story = ex.id.clone();
         }
         out.push(ex);
+    }
+    Ok(out)
+}
+
+/// The files a data path stands for: the `.jsonl` files of a folder in name order (so a hash
+/// over them is stable), or the path itself when it is a file.
+///
+/// # Errors
+/// [`Error::Io`] if the folder is unreadable; [`Error::Config`] if it holds no `.jsonl` file.
+pub fn theme_data_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| Error::io(path, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::Config {
+            path: path.to_path_buf(),
+            message: "no .jsonl files in this folder".to_string(),
+        });
+    }
+    Ok(files)
+}
+
+/// Reads every labelled theme example of a JSONL file or of a folder of them
+/// ([`theme_data_files`], then [`read_theme_examples`] per file).
+///
+/// # Errors
+/// As [`theme_data_files`] and [`read_theme_examples`].
+pub fn read_theme_data(path: &Path) -> Result<Vec<ThemeExample>> {
+    let mut out = Vec::new();
+    for f in theme_data_files(path)? {
+        out.extend(read_theme_examples(&f)?);
     }
     Ok(out)
 }
@@ -272,6 +310,29 @@ pub fn best_threshold_within(scores: &[f32], gold: &[bool], tolerance: f64) -> f
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn theme_data_reads_a_folder_in_name_order_or_one_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = |id: &str| format!("{{\"id\":\"{id}\",\"text\":\"t\",\"labels\":[]}}\n");
+        std::fs::write(dir.path().join("b.jsonl"), line("b1")).unwrap();
+        std::fs::write(dir.path().join("a.jsonl"), line("a1") + &line("a2")).unwrap();
+        std::fs::write(dir.path().join("notes.md"), "not data").unwrap();
+        let ids = |v: Vec<ThemeExample>| v.into_iter().map(|e| e.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(read_theme_data(dir.path()).unwrap()),
+            ["a1", "a2", "b1"]
+        );
+        assert_eq!(
+            ids(read_theme_data(&dir.path().join("b.jsonl")).unwrap()),
+            ["b1"]
+        );
+        let empty = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            theme_data_files(empty.path()),
+            Err(Error::Config { .. })
+        ));
+    }
 
     #[test]
     fn metrics_match_hand_counts() {
