@@ -918,3 +918,32 @@ fn main() -> Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loss(logits: &[f32], targets: &[f32], weights: &[f32]) -> f32 {
+        let rows = weights.len();
+        let t = |v: &[f32], cols| Tensor::from_vec(v.to_vec(), (rows, cols), &Device::Cpu).unwrap();
+        let cols = logits.len() / rows;
+        bce_with_logits(&t(logits, cols), &t(targets, cols), &t(weights, 1))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_row_of_weight_two_counts_as_that_row_twice() {
+        let (logits, targets) = ([2.0, -1.0, 0.5, 3.0], [1.0, 0.0, 0.0, 0.0]);
+        let weighted = loss(&logits, &targets, &[1.0, 2.0]);
+        let duplicated = loss(
+            &[2.0, -1.0, 0.5, 3.0, 0.5, 3.0],
+            &[1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            &[1.0, 1.0, 1.0],
+        );
+        assert!((weighted - duplicated).abs() < 1e-6);
+        // Unit weights give the plain mean, which a heavier wrong row raises.
+        assert!(weighted > loss(&logits, &targets, &[1.0, 1.0]));
+    }
+}
