@@ -12,7 +12,8 @@
 //!    windows' vectors.
 //! 2. Stories are split into train and dev (about one in five, by a hash of the story id).
 //! 3. An ensemble of small MLPs is trained full-batch with AdamW on binary cross-entropy, from
-//!    seeded initialisations: the same data and seed give the same head.
+//!    seeded initialisations: the same data and seed give the same head. `--near-miss-weight`
+//!    makes the rows of `near_miss` texts count more in the loss.
 //! 4. On out-of-fold predictions inside the training split (4 folds by story): the window
 //!    aggregation rule with the best macro-F1, a per-theme Platt calibration, and per-theme
 //!    thresholds on the calibrated scores. The dev split only measures the result (macro-F1,
