@@ -669,7 +669,10 @@ fn main() -> Result<()> {
     };
     let fit_rows = |texts: &[usize]| -> Result<(Tensor, Tensor, Tensor)> {
         let text_weights: Vec<f32> = texts.iter().map(|&i| weight_of(i)).collect();
-        let column = |w: Vec<f32>| Tensor::from_vec(w.clone(), (w.len(), 1), &Device::Cpu);
+        let column = |w: Vec<f32>| {
+            let n = w.len();
+            Tensor::from_vec(w, (n, 1), &Device::Cpu)
+        };
         let mut xs = vec![pick(texts, &x)?];
         let mut ys = vec![pick(texts, &y)?];
         let mut ws = vec![column(text_weights.clone())?];
