@@ -4,7 +4,8 @@
 //! from those vectors by the rule its theme card names ([`Aggregation`]: the head on the mean
 //! of the window vectors, or the best or two best window scores), chosen by cross-validation
 //! when the head was trained, then calibrated per theme (Platt scaling) so that a score reads
-//! as a probability. Every window is used; none is dropped.
+//! as a probability. Every window is used; none is dropped. A card may also blend in the vote of
+//! the training windows nearest to each window before calibration (`heads::neighbours`).
 //!
 //! Evidence: every sentence's vector is the mean of its tokens' hidden states, each token taken
 //! from the window where it has most context on both sides, from the same pass; the theme head
@@ -20,6 +21,7 @@ use rayon::prelude::*;
 use crate::embedder::{add_token_state, Embedder, EmbedderBuilder, TextStates, WordPooling};
 use crate::entities::{group_entities, repair_bio, Entity, EntityGroup, Tag};
 use crate::error::Result;
+use crate::heads::neighbours::{article_vote, NeighbourIndex};
 use crate::heads::ner::{NerCard, NerHead, NER_HEAD_CARD};
 use crate::heads::theme::{mean_row, Aggregation};
 use crate::heads::{Pooling, ThemeCard, ThemeHead};
@@ -207,10 +209,22 @@ impl AnalyzerBuilder {
                     poolings.len() - 1
                 }
             };
+            let neighbours = card
+                .neighbours
+                .map(|settings| {
+                    NeighbourIndex::from_folder(
+                        folder,
+                        card.input_size,
+                        card.labels.len(),
+                        settings,
+                    )
+                })
+                .transpose()?;
             sets.push(ThemeSet {
                 folder: folder.clone(),
                 head,
                 card,
+                neighbours,
                 pooled,
             });
         }
@@ -859,6 +873,8 @@ struct ThemeSet {
     folder: PathBuf,
     head: ThemeHead,
     card: ThemeCard,
+    /// The training windows that vote, when the card blends in their vote.
+    neighbours: Option<NeighbourIndex>,
     /// Index of the card's pooling in `Analyzer::poolings`.
     pooled: usize,
 }
@@ -885,6 +901,14 @@ impl ThemeSet {
                         .expect("a rule over window scores")
                 }
             }
+        };
+        let raw = match &self.neighbours {
+            Some(index) => {
+                let votes = index.votes(window_rows);
+                let vote = article_vote(self.card.aggregation, &votes, raw.len());
+                index.settings().blend(&raw, &vote)
+            }
+            None => raw,
         };
         Ok(self.card.calibrate(raw))
     }

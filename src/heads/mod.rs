@@ -5,6 +5,7 @@
 
 pub mod crf;
 pub mod dense;
+pub mod neighbours;
 pub mod ner;
 pub mod theme;
 

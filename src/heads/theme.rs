@@ -266,6 +266,10 @@ pub struct ThemeCard {
     /// Per-theme calibration of article scores (in `labels` order); empty: none.
     #[serde(default)]
     pub calibration: Vec<Platt>,
+    /// The neighbour vote blended into the raw article scores before calibration
+    /// ([`super::neighbours`]); `None`: the MLP alone (no index file in the folder).
+    #[serde(default)]
+    pub neighbours: Option<super::neighbours::NeighbourSettings>,
     /// The encoder the head was trained on.
     pub encoder: String,
     /// sha256 of the fine-tuned encoder layers ([`super::ENCODER_LAYERS`]) the head was
@@ -377,6 +381,16 @@ impl ThemeCard {
                     card.labels.len()
                 ),
             });
+        }
+        if let Some(n) = card.neighbours {
+            if n.k == 0 || n.dims == 0 || !(0.0..=1.0).contains(&n.weight) {
+                return Err(Error::Config {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "neighbours needs k and dims above 0 and a weight from 0 to 1, found {n:?}"
+                    ),
+                });
+            }
         }
         if card.thresholds.len() != card.labels.len() {
             return Err(Error::Config {
