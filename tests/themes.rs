@@ -356,3 +356,55 @@ fn theme_card_with_another_layer_mean_than_the_ner_head_is_refused() {
     };
     assert!(err.to_string().contains("train_themes"), "{err}");
 }
+
+/// Issue 12: the neighbour vote named in the card reaches the scores, and a card that asks
+/// for it in a folder without its index is refused, naming the file.
+#[test]
+fn neighbour_vote_from_the_card_reaches_the_scores() {
+    let text = texts()[0].text.clone();
+    let scores_with = |weight: f64| {
+        let dir = heads_with_theme_card(|card| {
+            card["calibration"] = serde_json::json!([]);
+            card["neighbours"] = serde_json::json!({
+                "k": 10, "temperature": 0.0, "weight": weight, "dims": 256,
+                "projection_seed": 20261121
+            });
+        });
+        let analysis = analyzer_with(dir.path())
+            .unwrap()
+            .analyze(&Article::new("x", text.clone()))
+            .unwrap();
+        analysis
+            .themes
+            .iter()
+            .map(|t| t.score)
+            .collect::<Vec<f32>>()
+    };
+    let (mlp, vote) = (scores_with(0.0), scores_with(1.0));
+    // With equal votes from 10 neighbours and one window, a vote is a multiple of 0.1.
+    for v in &vote {
+        assert!(((v * 10.0).round() - v * 10.0).abs() < 1e-4, "{vote:?}");
+    }
+    assert_ne!(mlp, vote);
+    let half = scores_with(0.5);
+    for ((m, v), h) in mlp.iter().zip(&vote).zip(&half) {
+        assert!(
+            (0.5 * m + 0.5 * v - h).abs() < 1e-5,
+            "{mlp:?} {vote:?} {half:?}"
+        );
+    }
+
+    let dir = heads_with_theme_card(|_| {});
+    std::fs::remove_file(
+        dir.path()
+            .join(themescan::heads::neighbours::NEIGHBOUR_INDEX),
+    )
+    .unwrap();
+    let Err(err) = analyzer_with(dir.path()) else {
+        panic!("a card asking for a neighbour index the folder lacks is refused")
+    };
+    assert!(
+        err.to_string().contains("themes-neighbours.safetensors"),
+        "{err}"
+    );
+}
