@@ -107,7 +107,8 @@ class Analyzer:
     Args:
         model: encoder model folder (a local folder or a Hugging Face cache snapshot); default:
             the project's multilingual-e5-small (see the module docs).
-        heads: heads folder (``themes.*``, ``themes-neighbours.safetensors`` when its card names a neighbour vote, ``ner.*``); default: the crate's ``models/heads``.
+        heads: heads folder (``themes.*``, ``themes-neighbours.safetensors`` when its card
+            names a neighbour vote, ``ner.*``); default: the crate's ``models/heads``.
         threads: encoder threads (default: all cores).
         cpu_path: ``"auto"`` (int8 where the CPU has AVX-512 VNNI), ``"int8"`` or
             ``"reference"``.
