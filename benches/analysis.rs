@@ -6,7 +6,8 @@
 //! Run: `bash models/fetch.sh && cargo bench --bench analysis`. Throughput is in encoder tokens
 //! per second; `themes+ner` over `encoder-only` is the cost of everything but the encoder.
 //! After the criterion groups, a paired line alternates the two for 15 rounds and prints the
-//! median throughput ratio. `THEMESCAN_BENCH_HEADS=DIR` measures another heads folder.
+//! median throughput ratio. `THEMESCAN_BENCH_HEADS=DIR` measures another heads folder. A last
+//! group times the neighbour vote alone for one window (`neighbour-vote/<rows>-rows`).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use themescan::{Analyzer, Article};
@@ -82,5 +83,32 @@ fn bench_analysis(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, bench_analysis);
+/// The neighbour vote alone (`themescan::heads::neighbours`) for one window's pooled vector,
+/// against the heads folder's index, when its card names one: the vote's share of the
+/// `themes+ner` time above.
+fn bench_neighbour_vote(c: &mut Criterion) {
+    use themescan::heads::neighbours::NeighbourIndex;
+    use themescan::heads::theme::THEME_HEAD_CARD;
+    let folder = std::env::var("THEMESCAN_BENCH_HEADS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| themescan::default_heads_folder());
+    let card = themescan::heads::ThemeCard::read(&folder.join(THEME_HEAD_CARD))
+        .expect("a theme card in the heads folder");
+    let Some(settings) = card.neighbours else {
+        eprintln!("{}: no neighbour vote in the card", folder.display());
+        return;
+    };
+    let index = NeighbourIndex::from_folder(&folder, card.input_size, card.labels.len(), settings)
+        .expect("the neighbour index");
+    // The cost does not depend on the vector's content: a fixed pseudo-random one.
+    let window: Vec<f32> = (0..card.input_size)
+        .map(|i| ((i * 2_654_435_761) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
+    let mut group = c.benchmark_group(format!("neighbour-vote/{}-rows", index.len()));
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("one-window", |b| b.iter(|| index.votes(&window)));
+    group.finish();
+}
+
+criterion_group!(benches, bench_analysis, bench_neighbour_vote);
 criterion_main!(benches);

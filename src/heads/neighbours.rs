@@ -39,6 +39,8 @@ use rayon::prelude::*;
 use safetensors::tensor::{Dtype, TensorView};
 
 use super::theme::Aggregation;
+use crate::encoder::int8::gemm::Kernel;
+use crate::encoder::int8::ops::wide_fn;
 use crate::error::{Error, Result};
 
 /// File in a heads folder holding the neighbour index of its theme head (written by
@@ -108,6 +110,8 @@ pub struct NeighbourIndex {
     scales: Vec<f32>,
     /// `[rows, themes]`, 0 or 1.
     labels: Vec<u8>,
+    /// Which build of [`row_dots`] this CPU runs.
+    kernel: Kernel,
 }
 
 impl NeighbourIndex {
@@ -169,6 +173,7 @@ impl NeighbourIndex {
                 .iter()
                 .flat_map(|l| l.iter().map(|&b| b as u8))
                 .collect(),
+            kernel: Kernel::detect(),
         };
         let (quantised, scales) = index.quantise(rows);
         index.rows = quantised;
@@ -238,13 +243,14 @@ impl NeighbourIndex {
         let dims = self.settings.dims;
         let (queries, query_scales) = self.quantise(rows);
         let one = |(q, &qs): (&[i8], &f32)| -> Neighbours {
-            let mut scored: Vec<(f32, u32)> = self
-                .rows
-                .chunks_exact(dims)
+            let mut dots = vec![0i32; self.scales.len()];
+            row_dots(self.kernel, q, &self.rows, &mut dots);
+            let mut scored: Vec<(f32, u32)> = dots
+                .iter()
                 .zip(&self.scales)
                 .enumerate()
                 .filter(|(r, _)| !skip(*r))
-                .map(|(r, (row, &rs))| (dot(q, row) as f32 * qs * rs, r as u32))
+                .map(|(r, (&d, &rs))| (d as f32 * qs * rs, r as u32))
                 .collect();
             let k = k.min(scored.len());
             if k == 0 {
@@ -416,6 +422,7 @@ impl NeighbourIndex {
             rows: found["rows"].2.iter().map(|&b| b as i8).collect(),
             scales: floats("scales"),
             labels: found["labels"].2.to_vec(),
+            kernel: Kernel::detect(),
         })
     }
 }
@@ -431,9 +438,29 @@ pub fn article_vote(rule: Aggregation, votes: &[Vec<f32>], themes: usize) -> Vec
         .expect("a rule over window scores")
 }
 
-/// Sum of products of two byte vectors (the compiler vectorises it as 16-bit multiply-adds).
-fn dot(a: &[i8], b: &[i8]) -> i32 {
-    a.iter().zip(b).map(|(&x, &y)| x as i32 * y as i32).sum()
+wide_fn! {
+    /// Each `query.len()`-wide row of `rows` dotted with `query`, into `out`: the byte sums the
+    /// cosines come from, built for AVX-512 where the CPU has it (a vote over 8,495 rows went
+    /// from 0.51 to 0.18 ms per window with it; see the `analysis` bench).
+    fn row_dots(kernel: Kernel, query: &[i8], rows: &[i8], out: &mut [i32]) {
+        const LANES: usize = 32;
+        let dims = query.len();
+        for (row, o) in rows.chunks_exact(dims).zip(out.iter_mut()) {
+            let mut acc = [0i32; LANES];
+            for (q, r) in query.chunks_exact(LANES).zip(row.chunks_exact(LANES)) {
+                for j in 0..LANES {
+                    acc[j] += q[j] as i32 * r[j] as i32;
+                }
+            }
+            let done = dims - dims % LANES;
+            let rest: i32 = query[done..]
+                .iter()
+                .zip(&row[done..])
+                .map(|(&x, &y)| x as i32 * y as i32)
+                .sum();
+            *o = acc.iter().sum::<i32>() + rest;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -501,6 +528,32 @@ mod tests {
         std::fs::write(dir.path().join(NEIGHBOUR_INDEX), b"not safetensors").unwrap();
         let torn = NeighbourIndex::from_folder(dir.path(), 16, 3, settings(3)).unwrap_err();
         assert!(torn.to_string().contains("safetensors"), "{torn}");
+    }
+
+    #[test]
+    fn both_builds_of_the_byte_dots_agree_with_plain_sums() {
+        let dims = 70; // two full lanes of 32 and a remainder
+        let mut state = 12345u32;
+        let mut byte = || {
+            state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            (state >> 16) as i8
+        };
+        let query: Vec<i8> = (0..dims).map(|_| byte()).collect();
+        let rows: Vec<i8> = (0..dims * 9).map(|_| byte()).collect();
+        let plain: Vec<i32> = rows
+            .chunks_exact(dims)
+            .map(|r| {
+                r.iter()
+                    .zip(&query)
+                    .map(|(&a, &b)| a as i32 * b as i32)
+                    .sum()
+            })
+            .collect();
+        for kernel in [Kernel::Portable, Kernel::detect()] {
+            let mut out = vec![0i32; 9];
+            row_dots(kernel, &query, &rows, &mut out);
+            assert_eq!(out, plain, "{kernel:?}");
+        }
     }
 
     #[test]
