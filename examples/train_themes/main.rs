@@ -573,6 +573,13 @@ fn main() -> Result<()> {
         .out
         .get_or_insert_with(|| PathBuf::from("models/heads"))
         .clone();
+    anyhow::ensure!(
+        args.neighbour_weights
+            .iter()
+            .all(|w| (0.0..=1.0).contains(w)),
+        "--neighbour-weights are shares of the score, from 0 to 1: found {:?}",
+        args.neighbour_weights
+    );
     let files = theme_data_files(&args.data)?;
     let mut hasher = Sha256::new();
     let mut examples = Vec::new();

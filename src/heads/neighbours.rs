@@ -143,6 +143,11 @@ impl NeighbourIndex {
             )));
         }
         let themes = labels[0].len();
+        if labels.iter().any(|l| l.len() != themes) {
+            return Err(Error::Setting(format!(
+                "every window of a neighbour index needs the same {themes} labels"
+            )));
+        }
         let mut mean = vec![0f64; input_size];
         let mut square = vec![0f64; input_size];
         for row in rows.chunks_exact(input_size) {
@@ -570,5 +575,7 @@ mod tests {
         assert_eq!(s.blend(&[1.0, 0.0], &[0.0, 1.0]), vec![0.7, 0.3]);
         assert_eq!(projection_signs(4, 3, 9), projection_signs(4, 3, 9));
         assert!(NeighbourIndex::build(&[], 16, &[], s).is_err());
+        let ragged = [vec![true, false], vec![true]];
+        assert!(NeighbourIndex::build(&[0.0; 4], 2, &ragged, s).is_err());
     }
 }
