@@ -847,7 +847,13 @@ fn main() -> Result<()> {
     let mut chosen: (Option<NeighbourSettings>, f64) = (None, cv_score(&oof[&aggregation]));
     eprintln!("cross-validated macro_f1, MLP alone: {:.4}", chosen.1);
     let mut blended_oof: Option<Vec<Vec<f32>>> = None;
-    if k_max > 0 && args.neighbour_weights.iter().any(|&w| w > 0.0) {
+    let vote_wanted = k_max > 0 && args.neighbour_weights.iter().any(|&w| w > 0.0);
+    if vote_wanted && languages.is_some() {
+        // The features here are projected; the index must hold the raw ones the analyzer
+        // pools, which the projection cannot be undone into.
+        eprintln!("neighbour vote: not tried with --language-projection");
+    }
+    if vote_wanted && languages.is_none() {
         let index = index_of(&train, neighbour_settings(k_max, 0.0, 0.0))?;
         let window_fold: Vec<usize> = train
             .iter()
