@@ -812,19 +812,10 @@ fn main() -> Result<()> {
         dims: args.neighbour_dims,
         projection_seed: args.seed,
     };
-    let index_of = |texts: &[usize], settings: NeighbourSettings| -> Result<NeighbourIndex> {
-        let rows: Vec<f32> = texts
-            .iter()
-            .flat_map(|&i| windows[i].iter().copied())
-            .collect();
-        let labels: Vec<Vec<bool>> = texts
-            .iter()
-            .flat_map(|&i| std::iter::repeat_n(gold_all[i].clone(), windows[i].len() / width))
-            .collect();
-        Ok(NeighbourIndex::build(&rows, width, &labels, settings)?)
-    };
     let k_max = args.neighbour_k.iter().copied().max().unwrap_or(0);
-    let cv_score = |raw: &[Vec<f32>]| -> f64 {
+    // Platt scaling per theme on out-of-fold raw scores, then thresholds on the calibrated
+    // scores: what the head will do, so candidates are compared by what it would score.
+    let fit_scores = |raw: &[Vec<f32>]| -> (Vec<Platt>, Vec<Vec<f32>>, Vec<f32>, f64) {
         let calibration: Vec<Platt> = per_theme(raw, &train_gold, fit_platt);
         let calibrated: Vec<Vec<f32>> = raw
             .iter()
@@ -838,15 +829,17 @@ fn main() -> Result<()> {
         let thresholds = per_theme(&calibrated, &train_gold, |s, g| {
             best_threshold_within(s, g, args.threshold_tolerance)
         });
-        macro_f1(&theme_metrics(
+        let f1 = macro_f1(&theme_metrics(
             &labels,
             &train_gold,
             &flags(&calibrated, &thresholds),
-        ))
+        ));
+        (calibration, calibrated, thresholds, f1)
     };
-    let mut chosen: (Option<NeighbourSettings>, f64) = (None, cv_score(&oof[&aggregation]));
+    let mut chosen: (Option<NeighbourSettings>, f64) = (None, fit_scores(&oof[&aggregation]).3);
     eprintln!("cross-validated macro_f1, MLP alone: {:.4}", chosen.1);
     let mut blended_oof: Option<Vec<Vec<f32>>> = None;
+    let mut cv_index: Option<NeighbourIndex> = None;
     let vote_wanted = k_max > 0 && args.neighbour_weights.iter().any(|&w| w > 0.0);
     if vote_wanted && languages.is_some() {
         // The features here are projected; the index must hold the raw ones the analyzer
@@ -854,7 +847,21 @@ fn main() -> Result<()> {
         eprintln!("neighbour vote: not tried with --language-projection");
     }
     if vote_wanted && languages.is_none() {
-        let index = index_of(&train, neighbour_settings(k_max, 0.0, 0.0))?;
+        // Every training window, labelled with its text's themes.
+        let rows: Vec<f32> = train
+            .iter()
+            .flat_map(|&i| windows[i].iter().copied())
+            .collect();
+        let window_labels: Vec<Vec<bool>> = train
+            .iter()
+            .flat_map(|&i| std::iter::repeat_n(gold_all[i].clone(), windows[i].len() / width))
+            .collect();
+        let index = NeighbourIndex::build(
+            &rows,
+            width,
+            &window_labels,
+            neighbour_settings(k_max, 0.0, 0.0),
+        )?;
         let window_fold: Vec<usize> = train
             .iter()
             .flat_map(|&i| {
@@ -896,7 +903,7 @@ fn main() -> Result<()> {
                         .zip(&votes)
                         .map(|(m, v)| settings.blend(m, v))
                         .collect();
-                    let f1 = cv_score(&raw);
+                    let f1 = fit_scores(&raw).3;
                     eprintln!(
                         "cross-validated macro_f1, neighbour vote k {k} temperature {temperature} weight {weight}: {f1:.4}"
                     );
@@ -907,6 +914,7 @@ fn main() -> Result<()> {
                 }
             }
         }
+        cv_index = Some(index);
     }
     let neighbours = chosen.0;
     match neighbours {
@@ -916,20 +924,15 @@ fn main() -> Result<()> {
         ),
         None => eprintln!("neighbour vote: none (the MLP alone was best on cross-validation)"),
     }
-    // Platt scaling per theme on the chosen rule's out-of-fold scores, then thresholds on the
-    // calibrated scores.
+    // The calibration and thresholds of the chosen scores.
     let raw = blended_oof.as_ref().unwrap_or(&oof[&aggregation]);
-    let calibration: Vec<Platt> = per_theme(raw, &train_gold, fit_platt);
+    let (calibration, calibrated, thresholds, _) = fit_scores(raw);
     let calibrate = |p: &Vec<f32>| -> Vec<f32> {
         p.iter()
             .zip(&calibration)
             .map(|(&p, c)| c.apply(p))
             .collect()
     };
-    let calibrated: Vec<Vec<f32>> = raw.iter().map(calibrate).collect();
-    let thresholds = per_theme(&calibrated, &train_gold, |s, g| {
-        best_threshold_within(s, g, args.threshold_tolerance)
-    });
     eprintln!(
         "aggregation {aggregation:?}; cross-validated ECE {:.4} raw, {:.4} calibrated",
         ece(raw, &train_gold),
@@ -942,10 +945,11 @@ fn main() -> Result<()> {
     let mut dev_raw = article_probs(&head, &dev, &x, &windows, width)?
         .remove(&aggregation)
         .expect("every rule");
-    // The shipped index: every window of the training split.
-    let index = neighbours
-        .map(|settings| index_of(&train, settings))
-        .transpose()?;
+    // The shipped index: every window of the training split, as cross-validation searched it.
+    let index = match (neighbours, cv_index) {
+        (Some(n), Some(index)) => Some(index.with_vote(n.k, n.temperature, n.weight)),
+        _ => None,
+    };
     if let Some(index) = &index {
         for (raw, &i) in dev_raw.iter_mut().zip(&dev) {
             let vote = article_vote(aggregation, &index.votes(windows[i]), themes);

@@ -186,6 +186,18 @@ impl NeighbourIndex {
         Ok(index)
     }
 
+    /// The same index voting with another `k`, temperature and weight (the stored rows depend
+    /// only on `dims` and the projection seed, which stay).
+    pub fn with_vote(mut self, k: usize, temperature: f32, weight: f32) -> Self {
+        self.settings = NeighbourSettings {
+            k,
+            temperature,
+            weight,
+            ..self.settings
+        };
+        self
+    }
+
     /// The settings it was built with.
     pub fn settings(&self) -> NeighbourSettings {
         self.settings
@@ -573,7 +585,12 @@ mod tests {
         assert!(sharp[0] > 0.9);
         let s = settings(3);
         assert_eq!(s.blend(&[1.0, 0.0], &[0.0, 1.0]), vec![0.7, 0.3]);
-        assert_eq!(projection_signs(4, 3, 9), projection_signs(4, 3, 9));
+        // splitmix64's signs, pinned (computed independently): an index stores no projection,
+        // so a change here would silently break every index written before it.
+        assert_eq!(
+            projection_signs(4, 3, 9),
+            [-1.0, -1.0, 1.0, -1.0, 1.0, 1.0, -1.0, -1.0, 1.0, -1.0, -1.0, 1.0]
+        );
         assert!(NeighbourIndex::build(&[], 16, &[], s).is_err());
         let ragged = [vec![true, false], vec![true]];
         assert!(NeighbourIndex::build(&[0.0; 4], 2, &ragged, s).is_err());
