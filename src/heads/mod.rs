@@ -7,6 +7,7 @@ pub mod crf;
 pub mod dense;
 pub mod neighbours;
 pub mod ner;
+pub mod scaling;
 pub mod theme;
 
 pub use theme::{Pooling, ThemeCard, ThemeHead, ThemeMetrics};

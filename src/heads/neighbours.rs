@@ -39,6 +39,7 @@ use std::path::Path;
 use rayon::prelude::*;
 use safetensors::tensor::{Dtype, TensorView};
 
+use super::scaling::InputScaling;
 use super::theme::Aggregation;
 use crate::encoder::int8::gemm::Kernel;
 use crate::encoder::int8::ops::wide_fn;
@@ -102,8 +103,8 @@ pub struct NeighbourIndex {
     settings: NeighbourSettings,
     input_size: usize,
     themes: usize,
-    mean: Vec<f32>,
-    inv_std: Vec<f32>,
+    /// Standardises a pooled vector before its projection.
+    scaling: InputScaling,
     projection: Vec<f32>,
     /// `[rows, dims]`: each row's unit vector times `127 / its largest entry`.
     rows: Vec<i8>,
@@ -149,29 +150,11 @@ impl NeighbourIndex {
                 "every window of a neighbour index needs the same {themes} labels"
             )));
         }
-        let mut mean = vec![0f64; input_size];
-        let mut square = vec![0f64; input_size];
-        for row in rows.chunks_exact(input_size) {
-            for ((m, s), &x) in mean.iter_mut().zip(&mut square).zip(row) {
-                *m += x as f64;
-                *s += (x as f64) * (x as f64);
-            }
-        }
-        let mean: Vec<f32> = mean.iter().map(|m| (m / n as f64) as f32).collect();
-        let inv_std = square
-            .iter()
-            .zip(&mean)
-            .map(|(s, &m)| {
-                let var = (s / n as f64 - (m as f64) * (m as f64)).max(0.0);
-                (1.0 / (var.sqrt() + 1e-6)) as f32
-            })
-            .collect();
         let mut index = NeighbourIndex {
             settings,
             input_size,
             themes,
-            mean,
-            inv_std,
+            scaling: InputScaling::fit(rows, input_size),
             projection: projection_signs(input_size, settings.dims, settings.projection_seed),
             rows: Vec::new(),
             scales: Vec::new(),
@@ -228,7 +211,7 @@ impl NeighbourIndex {
         {
             projected.fill(0.0);
             for (i, &x) in row.iter().enumerate() {
-                let z = (x - self.mean[i]) * self.inv_std[i];
+                let z = (x - self.scaling.mean[i]) * self.scaling.inv_std[i];
                 let signs = &self.projection[i * dims..(i + 1) * dims];
                 projected
                     .iter_mut()
@@ -260,30 +243,40 @@ impl NeighbourIndex {
     ) -> Vec<Neighbours> {
         let dims = self.settings.dims;
         let (queries, query_scales) = self.quantise(rows);
-        let one = |(q, &qs): (&[i8], &f32)| -> Neighbours {
-            let mut dots = vec![0i32; self.scales.len()];
-            row_dots(self.kernel, q, &self.rows, &mut dots);
-            let mut scored: Vec<(f32, u32)> = dots
-                .iter()
-                .zip(&self.scales)
-                .enumerate()
-                .filter(|(r, _)| !skip(*r))
-                .map(|(r, (&d, &rs))| (d as f32 * qs * rs, r as u32))
-                .collect();
+        // One query's dot products and candidates reuse buffers of one entry per index row.
+        let one = |(dots, scored): &mut (Vec<i32>, Vec<(f32, u32)>),
+                   (q, &qs): (&[i8], &f32)|
+         -> Neighbours {
+            row_dots(self.kernel, q, &self.rows, dots);
+            scored.clear();
+            scored.extend(
+                dots.iter()
+                    .zip(&self.scales)
+                    .enumerate()
+                    .filter(|(r, _)| !skip(*r))
+                    .map(|(r, (&d, &rs))| (d as f32 * qs * rs, r as u32)),
+            );
             let k = k.min(scored.len());
             if k == 0 {
                 return Vec::new();
             }
             scored.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
-            scored.truncate(k);
-            scored.sort_by(|a, b| b.0.total_cmp(&a.0));
-            scored
+            let mut nearest = scored[..k].to_vec();
+            nearest.sort_by(|a, b| b.0.total_cmp(&a.0));
+            nearest
+        };
+        let buffers = || {
+            (
+                vec![0i32; self.scales.len()],
+                Vec::with_capacity(self.scales.len()),
+            )
         };
         let pairs: Vec<(&[i8], &f32)> = queries.chunks_exact(dims).zip(&query_scales).collect();
         if pairs.len() > 16 {
-            pairs.into_par_iter().map(one).collect()
+            pairs.into_par_iter().map_init(buffers, one).collect()
         } else {
-            pairs.into_iter().map(one).collect()
+            let mut reused = buffers();
+            pairs.into_iter().map(|p| one(&mut reused, p)).collect()
         }
     }
 
@@ -324,8 +317,8 @@ impl NeighbourIndex {
     pub fn save(&self, path: &Path) -> Result<()> {
         let f32_bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
         let (mean, inv_std, scales) = (
-            f32_bytes(&self.mean),
-            f32_bytes(&self.inv_std),
+            f32_bytes(&self.scaling.mean),
+            f32_bytes(&self.scaling.inv_std),
             f32_bytes(&self.scales),
         );
         let rows: Vec<u8> = self.rows.iter().map(|&b| b as u8).collect();
@@ -434,8 +427,10 @@ impl NeighbourIndex {
             settings,
             input_size,
             themes,
-            mean: floats("mean"),
-            inv_std: floats("inv_std"),
+            scaling: InputScaling {
+                mean: floats("mean"),
+                inv_std: floats("inv_std"),
+            },
             projection: projection_signs(input_size, settings.dims, settings.projection_seed),
             rows: found["rows"].2.iter().map(|&b| b as i8).collect(),
             scales: floats("scales"),
