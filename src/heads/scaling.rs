@@ -80,3 +80,33 @@ impl InputScaling {
         ])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::InputScaling;
+
+    #[test]
+    fn standardises_each_feature_and_zeroes_a_constant_one() {
+        // Two features over three rows: [1, 5], [2, 5], [3, 5].
+        let rows = [1.0, 5.0, 2.0, 5.0, 3.0, 5.0];
+        let scaling = InputScaling::fit(&rows, 2);
+        assert!((scaling.mean[0] - 2.0).abs() < 1e-6);
+        assert!((scaling.mean[1] - 5.0).abs() < 1e-6);
+        // Population spread of 1, 2, 3 is sqrt(2/3).
+        assert!((scaling.inv_std[0] - (1.5f32).sqrt()).abs() < 1e-5);
+        assert_eq!(scaling.inv_std[1], 0.0);
+        let mut standardised = rows;
+        scaling.apply(&mut standardised);
+        assert!((standardised[0] + (1.5f32).sqrt()).abs() < 1e-5);
+        assert_eq!(standardised[2], 0.0);
+        assert!(standardised.iter().skip(1).step_by(2).all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn parts_fit_like_their_rows_joined() {
+        let rows = [0.5, -1.0, 2.0, 4.0, -3.0, 0.25, 7.0, 1.0];
+        let whole = InputScaling::fit(&rows, 2);
+        let parts = InputScaling::fit_parts([&rows[..2], &rows[2..6], &rows[6..]], 2);
+        assert_eq!(whole, parts);
+    }
+}
