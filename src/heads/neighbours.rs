@@ -204,15 +204,16 @@ impl NeighbourIndex {
         let mut out = vec![0i8; n * dims];
         let mut scales = vec![0f32; n];
         let mut projected = vec![0f32; dims];
+        let mut standardised = vec![0f32; self.input_size];
         for ((row, q), scale) in rows
             .chunks_exact(self.input_size)
             .zip(out.chunks_exact_mut(dims))
             .zip(&mut scales)
         {
+            standardised.copy_from_slice(row);
+            self.scaling.apply(&mut standardised);
             projected.fill(0.0);
-            for (i, &x) in row.iter().enumerate() {
-                let z = (x - self.scaling.mean[i]) * self.scaling.inv_std[i];
-                let signs = &self.projection[i * dims..(i + 1) * dims];
+            for (&z, signs) in standardised.iter().zip(self.projection.chunks_exact(dims)) {
                 projected
                     .iter_mut()
                     .zip(signs)

@@ -1,6 +1,6 @@
 //! Per-feature standardisation shared by the heads: the NER head's word rows and the theme
-//! head's neighbour index both standardise the encoder's pooled states by the training rows'
-//! mean and spread.
+//! head's neighbour index (pooled window vectors) are both standardised by the mean and
+//! spread of their training rows.
 
 use candle_core::{Device, Tensor};
 
