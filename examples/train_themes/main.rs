@@ -45,6 +45,7 @@ use themescan::train::{
 };
 use themescan::{CpuPath, Embedder, ModelSource, Theme};
 
+mod fine_tune;
 mod theme_set;
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -199,6 +200,23 @@ struct Args {
     /// Also train on every window of a text of several windows, under the text's labels.
     #[arg(long)]
     window_rows: bool,
+    /// Before training the head, tune the encoder's top K layers for themes on the training
+    /// split (`fine_tune.rs`) and write them to `--out` (0: the encoder as shipped). Only
+    /// layers above the layer mean the NER head reads may be tuned, so its inputs do not move.
+    #[arg(long, default_value_t = 0)]
+    fine_tune_layers: usize,
+    /// Fine-tuning: epochs over the training split.
+    #[arg(long, default_value_t = 3)]
+    fine_tune_epochs: usize,
+    /// Fine-tuning: peak learning rate of the tuned layers (warm-up, then cosine decay).
+    #[arg(long, default_value_t = 3e-5)]
+    encoder_lr: f64,
+    /// Fine-tuning: peak learning rate of the MLP tuned with the layers (then dropped).
+    #[arg(long, default_value_t = 1e-3)]
+    fine_tune_lr: f64,
+    /// Fine-tuning: texts per batch.
+    #[arg(long, default_value_t = 16)]
+    fine_tune_batch: usize,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -337,11 +355,14 @@ fn window_features(
 /// xorshift64*: a tiny seeded generator, so initialisation does not depend on candle's RNG.
 struct Rng(u64);
 impl Rng {
-    fn next_f32(&mut self) -> f32 {
+    fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
-        ((self.0.wrapping_mul(0x2545F4914F6CDD1D) >> 40) as f32) / (1u64 << 24) as f32
+        self.0.wrapping_mul(0x2545F4914F6CDD1D)
+    }
+    fn next_f32(&mut self) -> f32 {
+        ((self.next() >> 40) as f32) / (1u64 << 24) as f32
     }
 }
 
@@ -545,6 +566,71 @@ fn build_embedder(
     Ok(builder.build()?)
 }
 
+/// `--fine-tune-layers`: tunes the top layers on the training split, writes them to `out` and
+/// re-stamps the NER card there, whose inputs (a layer mean below the tuned layers) are
+/// unchanged.
+fn fine_tune_encoder(
+    args: &Args,
+    examples: &[themescan::train::ThemeExample],
+    out: &Path,
+) -> Result<()> {
+    let pooling: Pooling = args.pooling.into();
+    let Some((count, Some(end))) = layer_mean_for(pooling, out)? else {
+        anyhow::bail!(
+            "--fine-tune-layers needs a pooling with a middle-layer mean \
+             (mean-max-with-layer-mean), so the NER head's inputs stay as they are"
+        );
+    };
+    let labels = Theme::BUILT_IN.to_vec();
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let gold: Vec<Vec<bool>> = examples.iter().map(|e| e.flags(&labels)).collect();
+    let weights: Vec<f32> = examples
+        .iter()
+        .map(|e| {
+            if e.kind == "near_miss" {
+                args.near_miss_weight
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let (dev, train): (Vec<usize>, Vec<usize>) =
+        (0..examples.len()).partition(|&i| is_dev_story(&examples[i].story));
+    let settings = fine_tune::FineTuneSettings {
+        layers: args.fine_tune_layers,
+        epochs: args.fine_tune_epochs,
+        lr: args.fine_tune_lr,
+        encoder_lr: args.encoder_lr,
+        batch_texts: args.fine_tune_batch,
+        hidden: args.hidden,
+        seed: args.seed,
+        threads: args.threads,
+        cpu_path: args.cpu_path,
+        layer_mean: (count, end),
+    };
+    let file = fine_tune::run(&settings, &texts, &gold, &weights, &train, &dev, out)?;
+    let sha = themescan::heads::encoder_layers_sha256(out)?.context("layers just written")?;
+    let card_path = out.join(themescan::heads::ner::NER_HEAD_CARD);
+    if card_path.is_file() {
+        let text = std::fs::read_to_string(&card_path)?;
+        let mut card: themescan::heads::ner::NerCard = serde_json::from_str(&text)
+            .with_context(|| format!("reading {}", card_path.display()))?;
+        let first = end + 1 - count;
+        card.encoder_layers_sha256 = Some(sha.clone());
+        card.encoder.push_str(&format!(
+            "; layers above {end} later tuned for themes (this head reads layers {first}-{end}, \
+             which they leave unchanged)"
+        ));
+        std::fs::write(&card_path, serde_json::to_string_pretty(&card)? + "\n")?;
+        eprintln!(
+            "{}: re-stamped for the tuned layers (it reads layers {first}-{end}, below them)",
+            card_path.display()
+        );
+    }
+    eprintln!("tuned layers: {} (sha256 {})", file.display(), &sha[..16]);
+    Ok(())
+}
+
 /// The layer mean the theme head pools with `pooling`: the NER head's in `out` when it reads
 /// one (the encoder makes one per pass), else the mean of layers 3-10.
 fn layer_mean_for(pooling: Pooling, out: &Path) -> Result<Option<(usize, Option<usize>)>> {
@@ -588,6 +674,9 @@ fn main() -> Result<()> {
         examples.extend(read_theme_examples(f)?);
     }
     let data_sha = format!("{:x}", hasher.finalize());
+    if args.fine_tune_layers > 0 {
+        fine_tune_encoder(&args, &examples, &out)?;
+    }
     // The head must be trained on the encoder the heads folder makes: with the NER head's
     // fine-tuned layers when `train_ner --fine-tune-layers` left them there.
     let layers = themescan::heads::encoder_layers_sha256(&out)?
