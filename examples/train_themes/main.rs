@@ -6,6 +6,9 @@
 //! cargo run --release --example train_themes [-- --epochs 400 --hidden 128 --seed 7]
 //! cargo run --release --example train_themes -- --theme-set my-set.toml --out my-set
 //! ```
+//! 0. With `--fine-tune-layers K`, the encoder's top K layers are first tuned for themes on
+//!    the training split and written to `--out` (`fine_tune.rs`); the steps below then run on
+//!    the tuned encoder.
 //! 1. Every window of every text is pooled once by the default encoder (cached under
 //!    `target/themescan-cache/`, one file per text keyed by its sha256, so re-training after
 //!    adding texts encodes only the new ones). A text's training vector is the mean of its
