@@ -20,10 +20,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use sha2::{Digest, Sha256};
-use themescan::encoder::layers::{attention_bias, layer_tensors, Layer};
+use themescan::encoder::layers::attention_bias;
+use themescan::encoder::trainable::TrainableLayers;
 use themescan::entities::Tag;
 use themescan::heads::ner::{InputScaling, NerHead, NerNet};
 use themescan::heads::ENCODER_LAYERS;
@@ -176,57 +177,10 @@ fn lower_states(
     Ok(())
 }
 
-/// The top layers as trainable variables, initialised from the shipped weights.
-struct TopLayers {
-    first: usize,
-    layers: Vec<Layer>,
-    vars: Vec<(String, Var)>,
-}
-
-impl TopLayers {
-    fn load(k: usize) -> Result<Self> {
-        let files = ModelSource::Default.resolve()?;
-        let mut checkpoint = Checkpoint::load(&files, &Device::Cpu, DType::F32)?;
-        let cfg = checkpoint.config().clone();
-        let first = cfg.num_hidden_layers - k;
-        let mut vars = Vec::new();
-        for i in first..cfg.num_hidden_layers {
-            let w = checkpoint.root().pp("encoder").pp("layer").pp(i);
-            for (name, shape) in layer_tensors(&cfg) {
-                let t = w.dense_tensor(&name, &shape)?;
-                vars.push((format!("encoder.layer.{i}.{name}"), Var::from_tensor(&t)?));
-            }
-        }
-        checkpoint.replace_tensors(
-            vars.iter()
-                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-                .collect(),
-        )?;
-        let layers = (first..cfg.num_hidden_layers)
-            .map(|i| Layer::load(&checkpoint.root().pp("encoder").pp("layer").pp(i), &cfg))
-            .collect::<themescan::Result<Vec<_>>>()?;
-        Ok(TopLayers {
-            first,
-            layers,
-            vars,
-        })
-    }
-
-    fn save(&self, path: &Path) -> Result<()> {
-        let tensors: HashMap<String, Tensor> = self
-            .vars
-            .iter()
-            .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(DType::F16)?)))
-            .collect::<Result<_>>()?;
-        candle_core::safetensors::save(&tensors, path)?;
-        Ok(())
-    }
-}
-
 /// A padded minibatch of runs through the top layers, read at each word's first sub-token:
 /// `[runs, words, hidden]` and the word counts.
 fn forward_words(
-    top: &TopLayers,
+    top: &TrainableLayers,
     states: &LowerStates,
     batch: &[usize],
     train: bool,
@@ -254,7 +208,7 @@ fn forward_words(
     let mut x = Tensor::from_vec(x, (runs.len(), len, h), &dev)?;
     let mask = Tensor::from_vec(mask, (runs.len(), len), &dev)?;
     let bias = attention_bias(&mask, DType::F32)?;
-    for layer in &top.layers {
+    for layer in top.layers() {
         x = if train {
             layer.forward_differentiable(&x, &bias)?
         } else {
@@ -312,12 +266,14 @@ pub struct FineTuned {
 
 pub fn train(args: &Args, train: &[Split]) -> Result<FineTuned> {
     let k = args.fine_tune_layers;
-    let top = TopLayers::load(k)?;
+    let files = ModelSource::Default.resolve()?;
+    let checkpoint = Checkpoint::load(&files, &Device::Cpu, DType::F32)?;
+    let top = TrainableLayers::top(checkpoint, k).context("--fine-tune-layers")?;
     let lower = Embedder::builder()
         .model(ModelSource::Default)
         .threads(args.threads)
         .cpu_path(args.cpu_path)
-        .keep_layers(top.first)
+        .keep_layers(top.first())
         .build()?;
     eprintln!("lower layers: {}", lower.describe_compute());
     let h = lower.hidden_size();
@@ -329,7 +285,7 @@ pub fn train(args: &Args, train: &[Split]) -> Result<FineTuned> {
     for split in train {
         let cache = PathBuf::from("target/themescan-cache").join(format!(
             "ner-lower{}-{}-w{}-p{}-{:?}.safetensors",
-            top.first,
+            top.first(),
             split.lang,
             split.words(),
             args.pack_words,
@@ -378,7 +334,7 @@ pub fn train(args: &Args, train: &[Split]) -> Result<FineTuned> {
         args.lr,
         WEIGHT_DECAY,
     )?;
-    let mut encoder_opt = AdamW::new(top.vars.clone(), args.encoder_lr, WEIGHT_DECAY)?;
+    let mut encoder_opt = AdamW::new(top.vars().to_vec(), args.encoder_lr, WEIGHT_DECAY)?;
 
     // A run started again with the same settings and data goes on from its checkpoint.
     let checkpoint = PathBuf::from("target/themescan-cache").join(format!(
@@ -515,13 +471,13 @@ pub fn train(args: &Args, train: &[Split]) -> Result<FineTuned> {
 
     std::fs::create_dir_all(&args.out)?;
     let layers_file = args.out.join(ENCODER_LAYERS);
-    top.save(&layers_file)?;
+    top.save_f16(&layers_file)?;
     let tensors = head_tensors(&varmap, &scaling)?;
     Ok(FineTuned {
         head: NerHead::new(scaling, net, 0, false, &Device::Cpu),
         tensors,
         layers_file,
-        first_tuned_layer: top.first,
+        first_tuned_layer: top.first(),
     })
 }
 

@@ -19,20 +19,21 @@
 //! Each epoch ends with a checkpoint (layers and MLP); the same command run again goes on from
 //! the last finished epoch (the optimiser's moments start again).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use sha2::{Digest, Sha256};
-use themescan::encoder::layers::{attention_bias, layer_tensors, Layer};
+use themescan::encoder::layers::attention_bias;
+use themescan::encoder::trainable::TrainableLayers;
 use themescan::heads::theme::Pooling;
 use themescan::heads::{ThemeHead, ENCODER_LAYERS};
 use themescan::train::{macro_f1, theme_metrics};
 use themescan::weights::Checkpoint;
 use themescan::{CpuPath, Embedder, ModelSource, Theme};
 
+use super::text_cache::TextCache;
 use super::{bce_with_logits, seeded_init, Rng};
 
 /// What a fine-tuning run needs besides the data.
@@ -68,14 +69,9 @@ struct LowerStates {
 /// file is: window count, each window's token count, each window's pooled layer-mean block
 /// (`2·hidden`), then the rows (all little-endian f32).
 fn lower_states(embedder: &Embedder, texts: &[&str], cache: &Path) -> Result<LowerStates> {
-    std::fs::create_dir_all(cache)?;
     let h = embedder.hidden_size();
-    let file_of = |text: &str| cache.join(format!("{:x}.f32", Sha256::digest(text.as_bytes())));
-    let missing: Vec<&str> = texts
-        .iter()
-        .copied()
-        .filter(|t| !file_of(t).is_file())
-        .collect();
+    let cache = TextCache::open(cache.to_path_buf())?;
+    let missing = cache.missing(texts);
     let started = std::time::Instant::now();
     for (c, chunk) in missing.chunks(16).enumerate() {
         for (original, text) in chunk.iter().zip(embedder.token_states(chunk)?) {
@@ -91,11 +87,7 @@ fn lower_states(embedder: &Embedder, texts: &[&str], cache: &Path) -> Result<Low
             for w in &text.windows {
                 out.extend(w.hidden.iter());
             }
-            let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let path = file_of(original);
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, bytes)?;
-            std::fs::rename(&tmp, &path)?;
+            cache.write(original, &out)?;
         }
         if c % 8 == 7 || (c + 1) * 16 >= missing.len() {
             eprintln!(
@@ -112,12 +104,7 @@ fn lower_states(embedder: &Embedder, texts: &[&str], cache: &Path) -> Result<Low
         texts: Vec::with_capacity(texts.len()),
     };
     for text in texts {
-        let path = file_of(text);
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let v: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let (v, path) = cache.read(text)?;
         let n = *v.first().context("empty cache file")? as usize;
         let tokens: Vec<usize> = v[1..1 + n].iter().map(|&t| t as usize).collect();
         let mut at = 1 + n;
@@ -145,44 +132,6 @@ fn lower_states(embedder: &Embedder, texts: &[&str], cache: &Path) -> Result<Low
     Ok(states)
 }
 
-/// The top layers as trainable variables, initialised from the shipped weights.
-struct TopLayers {
-    layers: Vec<Layer>,
-    vars: Vec<(String, Var)>,
-}
-
-impl TopLayers {
-    fn load(first: usize) -> Result<Self> {
-        let files = ModelSource::Default.resolve()?;
-        let mut checkpoint = Checkpoint::load(&files, &Device::Cpu, DType::F32)?;
-        let cfg = checkpoint.config().clone();
-        let mut vars = Vec::new();
-        for i in first..cfg.num_hidden_layers {
-            let w = checkpoint.root().pp("encoder").pp("layer").pp(i);
-            for (name, shape) in layer_tensors(&cfg) {
-                let t = w.dense_tensor(&name, &shape)?;
-                vars.push((format!("encoder.layer.{i}.{name}"), Var::from_tensor(&t)?));
-            }
-        }
-        checkpoint.replace_tensors(
-            vars.iter()
-                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-                .collect(),
-        )?;
-        let layers = (first..cfg.num_hidden_layers)
-            .map(|i| Layer::load(&checkpoint.root().pp("encoder").pp("layer").pp(i), &cfg))
-            .collect::<themescan::Result<Vec<_>>>()?;
-        Ok(TopLayers { layers, vars })
-    }
-
-    fn tensors(&self, dtype: DType) -> Result<HashMap<String, Tensor>> {
-        self.vars
-            .iter()
-            .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(dtype)?)))
-            .collect()
-    }
-}
-
 /// L2-normalises each row of `[rows, h]`.
 fn normalise_rows(x: &Tensor) -> Result<Tensor> {
     let norm = x
@@ -197,7 +146,7 @@ fn normalise_rows(x: &Tensor) -> Result<Tensor> {
 /// the analyzer pools it (normalised mean and max of the last layer, then the cached layer-mean
 /// block), a text's windows averaged.
 fn article_vectors(
-    top: &TopLayers,
+    top: &TrainableLayers,
     states: &LowerStates,
     batch: &[usize],
     train: bool,
@@ -218,7 +167,7 @@ fn article_vectors(
     let mut x = Tensor::from_vec(x, (windows.len(), len, h), &dev)?;
     let mask = Tensor::from_vec(mask, (windows.len(), len), &dev)?;
     let bias = attention_bias(&mask, DType::F32)?;
-    for layer in &top.layers {
+    for layer in top.layers() {
         x = if train {
             layer.forward_differentiable(&x, &bias)?
         } else {
@@ -266,7 +215,7 @@ fn average_windows(windows: &Tensor, counts: &[usize]) -> Result<Tensor> {
 /// Macro-F1 of `head` on `texts` at 0.5, and with each theme's threshold set on these texts
 /// (an upper bound, printed only to follow training).
 fn score(
-    top: &TopLayers,
+    top: &TrainableLayers,
     head: &ThemeHead,
     states: &LowerStates,
     texts: &[usize],
@@ -312,16 +261,10 @@ pub fn run(
     out: &Path,
 ) -> Result<PathBuf> {
     let files = ModelSource::Default.resolve()?;
-    let layers_total = Checkpoint::load(&files, &Device::Cpu, DType::F32)?
-        .config()
-        .num_hidden_layers;
-    anyhow::ensure!(
-        (1..layers_total).contains(&s.layers),
-        "--fine-tune-layers must be between 1 and {}: found {}",
-        layers_total - 1,
-        s.layers
-    );
-    let first = layers_total - s.layers;
+    let checkpoint = Checkpoint::load(&files, &Device::Cpu, DType::F32)?;
+    let layers_total = checkpoint.config().num_hidden_layers;
+    let top = TrainableLayers::top(checkpoint, s.layers).context("--fine-tune-layers")?;
+    let first = top.first();
     let (count, end) = s.layer_mean;
     anyhow::ensure!(
         end <= first,
@@ -355,7 +298,6 @@ pub fn run(
         train.len()
     );
 
-    let top = TopLayers::load(first)?;
     let varmap = VarMap::new();
     let head = ThemeHead::load(
         VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
@@ -403,7 +345,7 @@ pub fn run(
         let path = checkpoint_of(epoch);
         if path.is_file() {
             let saved = candle_core::safetensors::load(&path, &Device::Cpu)?;
-            for (name, var) in top.vars.iter().chain(&head_vars) {
+            for (name, var) in top.vars().iter().chain(&head_vars) {
                 var.set(
                     saved
                         .get(name)
@@ -426,7 +368,7 @@ pub fn run(
         params(s.lr),
     )?;
     let mut encoder_opt = AdamW::new(
-        top.vars.iter().map(|(_, v)| v.clone()).collect(),
+        top.vars().iter().map(|(_, v)| v.clone()).collect(),
         params(s.encoder_lr),
     )?;
     let batch_size = s.batch_texts.max(1);
@@ -505,7 +447,7 @@ pub fn run(
     }
     std::fs::create_dir_all(out)?;
     let file = out.join(ENCODER_LAYERS);
-    candle_core::safetensors::save(&top.tensors(DType::F16)?, &file)?;
+    top.save_f16(&file)?;
     Ok(file)
 }
 

@@ -37,6 +37,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
+use text_cache::TextCache;
 use themescan::heads::neighbours::{
     article_vote, NeighbourIndex, NeighbourSettings, Neighbours, NEIGHBOUR_INDEX,
 };
@@ -49,6 +50,7 @@ use themescan::train::{
 use themescan::{CpuPath, Embedder, ModelSource, Theme};
 
 mod fine_tune;
+mod text_cache;
 mod theme_set;
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -292,13 +294,8 @@ fn window_features(
         pooling,
         cpu_path.resolve()
     ));
-    std::fs::create_dir_all(&cache)?;
-    let file_of = |text: &str| cache.join(format!("{:x}.f32", Sha256::digest(text.as_bytes())));
-    let missing: Vec<&str> = texts
-        .iter()
-        .copied()
-        .filter(|t| !file_of(t).is_file())
-        .collect();
+    let cache = TextCache::open(cache)?;
+    let missing = cache.missing(texts);
     let h = embedder.hidden_size();
     if !missing.is_empty() {
         let started = std::time::Instant::now();
@@ -314,12 +311,7 @@ fn window_features(
                         &mut rows,
                     );
                 }
-                let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
-                // Written whole under a temporary name, so a killed run leaves no torn file.
-                let path = file_of(original);
-                let tmp = path.with_extension("tmp");
-                std::fs::write(&tmp, bytes)?;
-                std::fs::rename(&tmp, &path)?;
+                cache.write(original, &rows)?;
             }
             done += chunk.len();
             eprintln!(
@@ -334,19 +326,14 @@ fn window_features(
     let mut rows = Vec::new();
     let mut counts = Vec::with_capacity(texts.len());
     for text in texts {
-        let path = file_of(text);
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let (values, path) = cache.read(text)?;
         anyhow::ensure!(
-            bytes.len() % (4 * width) == 0 && !bytes.is_empty(),
+            values.len() % width == 0 && !values.is_empty(),
             "{} is not a whole number of {width}-wide rows: delete it",
             path.display()
         );
-        counts.push(bytes.len() / (4 * width));
-        rows.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        );
+        counts.push(values.len() / width);
+        rows.extend(values);
     }
     Ok(WindowFeatures {
         rows,

@@ -9,6 +9,7 @@
 mod config;
 pub mod int8;
 pub mod layers;
+pub mod trainable;
 
 use std::ops::Range;
 
