@@ -270,7 +270,7 @@ impl AnalyzerBuilder {
                     path: folder.to_path_buf(),
                     message: format!(
                         "the {head} head was trained on {}, but the folders loaded make {}: \
-                         retrain it (`train_themes` after `train_ner`)",
+                         retrain it (`train_themes`, with `--theme-set` for a set of your own)",
                         describe(&sha),
                         describe(&layers_sha)
                     ),

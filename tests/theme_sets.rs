@@ -22,8 +22,8 @@ const WEATHER: &str = "Rain and wind expected on Sunday\nThe national weather se
     around twelve degrees, and the weekend market in the town centre goes ahead as planned.";
 
 /// A set of two themes: `weapons_trade` from descriptions only, `hate_speech` with four
-/// examples (few-shot), trained into a temporary folder.
-fn train_set(dir: &Path) -> PathBuf {
+/// examples (few-shot), trained into a temporary folder with `train_themes`' `extra` flags.
+fn train_set(dir: &Path, extra: &[&std::ffi::OsStr]) -> PathBuf {
     let set = dir.join("set.toml");
     std::fs::write(
         &set,
@@ -55,6 +55,7 @@ negatives = ["The city council approved a new budget for road repairs."]
         .args(["--theme-set", set.to_str().unwrap(), "--out"])
         .arg(&out)
         .args(["--threads", "2"])
+        .args(extra)
         .env("THEMESCAN_MODEL_DIR", default_model_folder())
         .status()
         .unwrap();
@@ -75,7 +76,7 @@ fn analyzer(sets: &[&Path]) -> themescan::Result<Analyzer> {
 #[test]
 fn a_theme_set_scores_beside_the_built_in_themes_on_one_pass() {
     let dir = tempfile::tempdir().unwrap();
-    let set = train_set(dir.path());
+    let set = train_set(dir.path(), &[]);
 
     let card = ThemeCard::read(&set.join("themes.json")).unwrap();
     assert_eq!(card.set_name.as_deref(), Some("test-set"));
@@ -255,4 +256,78 @@ fn a_bad_theme_set_file_names_file_line_and_field() {
         "{stderr}"
     );
     assert!(!dir.path().join("never").exists());
+}
+
+/// Heads shipped with fine-tuned layers: a set trained beside them (`--beside`) is trained on
+/// the same encoder, carries the layers in its folder and records their sha256, so it loads
+/// beside them (and alone), and is refused beside heads that make another encoder.
+#[test]
+fn a_set_trained_beside_fine_tuned_heads_runs_on_their_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let heads = dir.path().join("heads");
+    std::fs::create_dir_all(&heads).unwrap();
+    for entry in std::fs::read_dir(themescan::default_heads_folder()).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension()
+            .is_some_and(|e| e == "json" || e == "safetensors")
+        {
+            std::fs::copy(&p, heads.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    // The top layer as the checkpoint has it, in f16: an encoder of its own sha256.
+    let files = ModelSource::Folder(default_model_folder())
+        .resolve()
+        .unwrap();
+    let checkpoint = themescan::weights::Checkpoint::load(
+        &files,
+        &themescan::Device::Cpu,
+        themescan::DType::F32,
+    )
+    .unwrap();
+    let layers = heads.join(themescan::heads::ENCODER_LAYERS);
+    themescan::encoder::trainable::TrainableLayers::top(checkpoint, 1)
+        .unwrap()
+        .save_f16(&layers)
+        .unwrap();
+    let sha = themescan::heads::encoder_layers_sha256(&heads)
+        .unwrap()
+        .unwrap();
+    for card in ["ner.json", "themes.json"] {
+        let path = heads.join(card);
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        json["encoder_layers_sha256"] = serde_json::json!(sha);
+        std::fs::write(&path, json.to_string()).unwrap();
+    }
+
+    let set = train_set(dir.path(), &["--beside".as_ref(), heads.as_os_str()]);
+    let card = ThemeCard::read(&set.join("themes.json")).unwrap();
+    assert_eq!(card.encoder_layers_sha256.as_deref(), Some(sha.as_str()));
+    assert_eq!(
+        std::fs::read(set.join(themescan::heads::ENCODER_LAYERS)).unwrap(),
+        std::fs::read(&layers).unwrap()
+    );
+    let with_heads = |heads: &Path| {
+        Analyzer::builder()
+            .model(ModelSource::Folder(default_model_folder()))
+            .heads(heads)
+            .theme_set(&set)
+            .threads(2)
+            .build()
+    };
+    let analyzer = with_heads(&heads).expect("the set loads beside the heads it was trained for");
+    let analysis = analyzer.analyze(&Article::new("w", WEAPONS)).unwrap();
+    assert_eq!(analysis.themes.len(), 6);
+    assert!(
+        analysis
+            .labels
+            .iter()
+            .any(|t| t.as_str() == "weapons_trade"),
+        "{:?}",
+        analysis.themes
+    );
+    let Err(err) = with_heads(&themescan::default_heads_folder()) else {
+        panic!("a set trained on other layers than the built-in heads' is refused")
+    };
+    assert!(err.to_string().contains("--theme-set"), "{err}");
 }

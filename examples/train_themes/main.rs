@@ -84,6 +84,11 @@ struct Args {
     /// instead of the built-in ones.
     #[arg(long)]
     theme_set: Option<PathBuf>,
+    /// Theme sets: the heads folder the set will be loaded beside (default: the built-in
+    /// heads). The set is trained on the encoder it makes, fine-tuned layers included, and
+    /// reads its layer mean.
+    #[arg(long)]
+    beside: Option<PathBuf>,
     /// Theme sets: ordinary news that zero-shot scores are standardised against (a JSONL file
     /// or a folder of them, `text` per line), also negatives for few-shot rows.
     #[arg(long, default_value = "training-data/background")]

@@ -381,18 +381,36 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
     );
 
     let pooling = Pooling::MeanMaxWithLayerMean;
-    let layer_mean = layer_mean_for(pooling, &themescan::default_heads_folder())?;
-    let embedder = build_embedder(args, args.cpu_path, &None, layer_mean)?;
+    let beside = args
+        .beside
+        .clone()
+        .unwrap_or_else(themescan::default_heads_folder);
+    let layer_mean = layer_mean_for(pooling, &beside)?;
+    // A set runs on the encoder the heads beside it make (the analyzer refuses a mix): with
+    // their fine-tuned layers where the folder has them, for the texts and the descriptions.
+    let layers = themescan::heads::encoder_layers_sha256(&beside)?
+        .map(|sha| (beside.join(themescan::heads::ENCODER_LAYERS), sha));
+    if let Some((file, sha)) = &layers {
+        eprintln!(
+            "encoder: with the fine-tuned layers of the heads beside the set, {} (sha256 {})",
+            file.display(),
+            &sha[..16]
+        );
+    }
+    let embedder = build_embedder(args, args.cpu_path, &layers, layer_mean)?;
     let hidden = embedder.hidden_size();
     let width = pooling.output_size(hidden);
 
     // Descriptions, embedded as queries; a theme's prototype is their normalised mean.
-    let queries = Embedder::builder()
+    let mut queries = Embedder::builder()
         .model(ModelSource::Default)
         .threads(args.threads)
         .cpu_path(args.cpu_path)
-        .text_prefix("query: ")
-        .build()?;
+        .text_prefix("query: ");
+    if let Some((file, _)) = &layers {
+        queries = queries.replace_tensors(file);
+    }
+    let queries = queries.build()?;
     let prototype = |texts: &[&str]| -> Result<Vec<f32>> {
         let vectors = queries.embed(texts)?;
         let mut p = vec![0f32; hidden];
@@ -433,7 +451,7 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
         pooling,
         layer_mean,
         args.cpu_path,
-        &None,
+        &layers,
     )?;
     let ex_refs: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
     let mut ex: WindowFeatures = window_features(
@@ -442,7 +460,7 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
         pooling,
         layer_mean,
         args.cpu_path,
-        &None,
+        &layers,
     )?;
     // Zero-shot rows score the features as they are (on dev, the projection cost them
     // 2.6 points); few-shot rows are fitted on projected ones.
@@ -597,11 +615,24 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
             &rows,
             &thresholds,
             layer_mean,
+            &layers,
         )?;
     }
 
     // The head: one linear layer, `m0.output`, as `ThemeHead` loads it.
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    // The set's folder carries the layers it was trained on, so it loads alone as well as
+    // beside the heads it was trained for (the same file, the same sha256).
+    let layers_copy = out.join(themescan::heads::ENCODER_LAYERS);
+    match &layers {
+        Some((file, _)) => {
+            std::fs::copy(file, &layers_copy)
+                .with_context(|| format!("copying {} to {}", file.display(), out.display()))?;
+        }
+        None if layers_copy.is_file() => std::fs::remove_file(&layers_copy)
+            .with_context(|| format!("removing the stale {}", layers_copy.display()))?,
+        None => {}
+    }
     let weights = Tensor::from_vec(
         rows.iter()
             .flat_map(|r| r.weights.iter().copied())
@@ -674,7 +705,7 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
                 None => "fitted on the features as they are".to_string(),
             }
         ),
-        encoder_layers_sha256: None,
+        encoder_layers_sha256: layers.as_ref().map(|(_, sha)| sha.clone()),
         training_data_sha256: format!("{:x}", hasher.finalize()),
         examples: examples.len(),
         dev_examples: cv_texts,
@@ -703,6 +734,7 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
 
 /// `--score-on`: macro-F1 of `rows` on labelled texts, by the head's own rule (top two
 /// windows' probabilities), from the cached window features.
+#[allow(clippy::too_many_arguments)]
 fn score_rows(
     args: &Args,
     input: &Path,
@@ -711,6 +743,7 @@ fn score_rows(
     rows: &[Row],
     thresholds: &[f32],
     layer_mean: Option<(usize, Option<usize>)>,
+    layers: &Option<(PathBuf, String)>,
 ) -> Result<()> {
     let mut labelled = themescan::train::read_theme_data(input)?;
     labelled.retain(|e| match args.score_split.as_str() {
@@ -725,7 +758,7 @@ fn score_rows(
     let pooling = Pooling::MeanMaxWithLayerMean;
     let width = pooling.output_size(embedder.hidden_size());
     let texts: Vec<&str> = labelled.iter().map(|e| e.text.as_str()).collect();
-    let features = window_features(embedder, &texts, pooling, layer_mean, args.cpu_path, &None)?;
+    let features = window_features(embedder, &texts, pooling, layer_mean, args.cpu_path, layers)?;
     let windows = features.per_text();
     let gold: Vec<Vec<bool>> = labelled.iter().map(|e| e.flags(themes)).collect();
     let predicted: Vec<Vec<bool>> = windows
