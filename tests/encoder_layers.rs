@@ -319,3 +319,29 @@ fn heads_trained_on_another_encoder_are_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn shipped_tuned_layers_lie_above_what_the_ner_head_reads() {
+    // The shipped theme head runs on a tuned layer 12; the NER head beside it was trained on
+    // the frozen encoder, which is only right while it reads no tuned layer.
+    let shipped = themescan::default_heads_folder();
+    let Some(tuned) = themescan::heads::encoder_layers_tuned(&shipped).unwrap() else {
+        return; // heads on the frozen encoder: nothing to check
+    };
+    let card: themescan::heads::ner::NerCard = serde_json::from_str(
+        &std::fs::read_to_string(shipped.join(themescan::heads::ner::NER_HEAD_CARD)).unwrap(),
+    )
+    .unwrap();
+    let end = card
+        .layers_end
+        .expect("a layer mean that stops below the top");
+    assert_eq!(card.token_source, themescan::TokenSource::LayerMean);
+    assert!(
+        *tuned.start() > end,
+        "tuned {tuned:?}, NER head reads up to {end}"
+    );
+    assert_eq!(
+        card.encoder_layers_sha256,
+        themescan::heads::encoder_layers_sha256(&shipped).unwrap()
+    );
+}

@@ -342,6 +342,19 @@ fn fine_tuned(
     )
 }
 
+/// Whether a head of feature `kind` reading a layer mean that ends at `layers_end` leaves
+/// every layer in `tuned` (numbered from 1) unread, so that layers tuned there for another
+/// head can stay beside it. Unknown until the kind is fixed: all kinds may win, and two read
+/// the last layer.
+fn tuned_layers_stay_unread(
+    kind: Option<usize>,
+    layers_end: Option<usize>,
+    tuned: &std::ops::RangeInclusive<usize>,
+) -> bool {
+    let mean_only = kind.is_some_and(|k| matches!(KINDS.get(k), Some((TokenSource::LayerMean, _))));
+    mean_only && layers_end.is_some_and(|end| *tuned.start() > end)
+}
+
 fn main() -> Result<()> {
     let mut args = Args::parse();
     args.dilations.retain(|&d| d > 0);
@@ -397,14 +410,28 @@ fn main() -> Result<()> {
     if args.rescore {
         return choose_entity_bias(&args, &dev, &dev_lower);
     }
-    let stale = args.out.join(themescan::heads::ENCODER_LAYERS);
-    if stale.is_file() {
-        // A frozen-encoder head must not run over layers tuned for another head.
-        std::fs::remove_file(&stale)?;
-        eprintln!(
-            "removed {} (this head reads the frozen encoder)",
-            stale.display()
-        );
+    let layers_file = args.out.join(themescan::heads::ENCODER_LAYERS);
+    if let Some(tuned) = themescan::heads::encoder_layers_tuned(&args.out)? {
+        // Layers tuned above the mean this head reads (the shipped theme head's) leave its
+        // inputs as the frozen encoder makes them: keep them, the card records their sha256.
+        // Layers it would read were tuned with another head and must go.
+        if tuned_layers_stay_unread(args.kind, args.layers_end, &tuned) {
+            eprintln!(
+                "keeping {} (layers {}-{}, above the layer mean this head reads)",
+                layers_file.display(),
+                tuned.start(),
+                tuned.end()
+            );
+        } else {
+            std::fs::remove_file(&layers_file)?;
+            eprintln!(
+                "removed {} (layers {}-{}: this head may read them and is trained on the \
+                 frozen encoder; retrain the theme head with `train_themes` after it)",
+                layers_file.display(),
+                tuned.start(),
+                tuned.end()
+            );
+        }
     }
 
     let mut best: Option<Best> = None;
@@ -763,4 +790,22 @@ fn write_head(
         args.out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tuned_layers_stay_unread;
+
+    #[test]
+    fn only_layers_above_the_mean_a_kind_reads_stay() {
+        // The shipped NER head: kind 2 (layer mean), layers 3-10; the theme head tuned 12.
+        assert!(tuned_layers_stay_unread(Some(2), Some(10), &(12..=12)));
+        assert!(tuned_layers_stay_unread(Some(1), Some(10), &(11..=12)));
+        // A tuned layer inside the mean, a mean up to the top, or a kind with the last layer.
+        assert!(!tuned_layers_stay_unread(Some(2), Some(10), &(10..=12)));
+        assert!(!tuned_layers_stay_unread(Some(2), None, &(12..=12)));
+        assert!(!tuned_layers_stay_unread(Some(3), Some(10), &(12..=12)));
+        assert!(!tuned_layers_stay_unread(Some(0), Some(10), &(12..=12)));
+        assert!(!tuned_layers_stay_unread(None, Some(10), &(12..=12)));
+    }
 }
