@@ -561,6 +561,21 @@ fn build_embedder(
     Ok(builder.build()?)
 }
 
+/// The fine-tuned layers file in a heads folder and its sha256 (what the encoder is built with
+/// and the card records), `None` for the frozen encoder; says which on stderr.
+fn fine_tuned_layers_in(folder: &Path) -> Result<Option<(PathBuf, String)>> {
+    let layers = themescan::heads::encoder_layers_sha256(folder)?
+        .map(|sha| (folder.join(themescan::heads::ENCODER_LAYERS), sha));
+    if let Some((file, sha)) = &layers {
+        eprintln!(
+            "encoder: with fine-tuned layers {} (sha256 {})",
+            file.display(),
+            &sha[..16]
+        );
+    }
+    Ok(layers)
+}
+
 /// `--fine-tune-layers`: tunes the top layers on the training split, writes them to `out` and
 /// re-stamps the NER card there, whose inputs (a layer mean below the tuned layers) are
 /// unchanged.
@@ -672,17 +687,9 @@ fn main() -> Result<()> {
     if args.fine_tune_layers > 0 {
         fine_tune_encoder(&args, &examples, &out)?;
     }
-    // The head must be trained on the encoder the heads folder makes: with the NER head's
-    // fine-tuned layers when `train_ner --fine-tune-layers` left them there.
-    let layers = themescan::heads::encoder_layers_sha256(&out)?
-        .map(|sha| (out.join(themescan::heads::ENCODER_LAYERS), sha));
-    if let Some((file, sha)) = &layers {
-        eprintln!(
-            "encoder: with fine-tuned layers {} (sha256 {})",
-            file.display(),
-            &sha[..16]
-        );
-    }
+    // The head must be trained on the encoder the heads folder makes: with the fine-tuned
+    // layers that `--fine-tune-layers` or `train_ner --fine-tune-layers` left there.
+    let layers = fine_tuned_layers_in(&out)?;
     let pooling: Pooling = args.pooling.into();
     let layer_mean = layer_mean_for(pooling, &out)?;
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();

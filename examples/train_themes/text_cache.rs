@@ -49,15 +49,15 @@ impl TextCache {
     pub fn read(&self, text: &str) -> Result<(Vec<f32>, PathBuf)> {
         let path = self.file_of(text);
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let values = bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
         anyhow::ensure!(
             bytes.len() % 4 == 0,
             "{} is not a whole number of f32 values: delete it",
             path.display()
         );
+        let values = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
         Ok((values, path))
     }
 }

@@ -42,7 +42,9 @@ use themescan::theme_set::{SetExample, ThemeSetFile};
 use themescan::train::{best_threshold, macro_f1, story_fold, theme_metrics};
 use themescan::{Embedder, ModelSource};
 
-use super::{build_embedder, layer_mean_for, window_features, Args, WindowFeatures};
+use super::{
+    build_embedder, fine_tuned_layers_in, layer_mean_for, window_features, Args, WindowFeatures,
+};
 
 /// Descriptions of everyday news, in several languages: the "ordinary news" prototype that
 /// zero-shot directions are contrasted with.
@@ -388,15 +390,7 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
     let layer_mean = layer_mean_for(pooling, &beside)?;
     // A set runs on the encoder the heads beside it make (the analyzer refuses a mix): with
     // their fine-tuned layers where the folder has them, for the texts and the descriptions.
-    let layers = themescan::heads::encoder_layers_sha256(&beside)?
-        .map(|sha| (beside.join(themescan::heads::ENCODER_LAYERS), sha));
-    if let Some((file, sha)) = &layers {
-        eprintln!(
-            "encoder: with the fine-tuned layers of the heads beside the set, {} (sha256 {})",
-            file.display(),
-            &sha[..16]
-        );
-    }
+    let layers = fine_tuned_layers_in(&beside)?;
     let embedder = build_embedder(args, args.cpu_path, &layers, layer_mean)?;
     let hidden = embedder.hidden_size();
     let width = pooling.output_size(hidden);
