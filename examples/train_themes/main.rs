@@ -16,7 +16,9 @@
 //! 2. Stories are split into train and dev (about one in five, by a hash of the story id).
 //! 3. An ensemble of small MLPs is trained full-batch with AdamW on binary cross-entropy, from
 //!    seeded initialisations: the same data and seed give the same head. `--near-miss-weight`
-//!    makes the rows of `near_miss` texts count more in the loss.
+//!    makes the rows of `near_miss` texts count more in the loss; `--twin-weight` adds a
+//!    ranking loss that asks every text of a story with a theme to outscore every text of the
+//!    same story without it (the contrastive twins).
 //! 4. On out-of-fold predictions inside the training split (4 folds by story): the window
 //!    aggregation rule with the best macro-F1, a per-theme Platt calibration, and per-theme
 //!    thresholds on the calibrated scores. The dev split only measures the result (macro-F1,
@@ -158,6 +160,12 @@ struct Args {
     /// text). Above 1 the head pays more for a label on a text written to look like a theme.
     #[arg(long, default_value_t = 1.0)]
     near_miss_weight: f32,
+    /// Built-in head: weight of a ranking loss over contrastive twins (0: none). Within a
+    /// story, every text that has a theme should score it above every text that lacks it, the
+    /// same story told without it: the head is paid for what differs between the two, not
+    /// for the vocabulary they share.
+    #[arg(long, default_value_t = 0.0)]
+    twin_weight: f32,
     /// Built-in head: shares of the neighbour vote in the raw article score to try on
     /// cross-validation (0: the MLP alone); the best, with the k and temperature below, goes in
     /// the card, and its index beside the head.
@@ -393,23 +401,45 @@ struct Settings {
     lr: f64,
     weight_decay: f64,
     seed: u64,
+    twin_weight: f32,
 }
 
 /// Binary cross-entropy on logits in the stable form `max(x, 0) - x·y + log(1 + e^-|x|)`
 /// (candle's version takes the log of a sigmoid, which gives NaN once logits saturate),
 /// averaged with one weight per row (`weights`: rows × 1).
 fn bce_with_logits(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
-    let softplus = (logits.abs()?.neg()?.exp()? + 1.0)?.log()?;
-    let loss = ((logits.relu()? - (logits * targets)?)? + softplus)?;
+    let loss = (softplus(logits)? - (logits * targets)?)?;
     let total = loss.broadcast_mul(weights)?.sum_all()?;
     let norm = (weights.sum_all()?.to_scalar::<f32>()? * logits.dim(1)? as f32) as f64;
     Ok((total / norm)?)
 }
 
+/// `log(1 + e^x)` in the form that does not overflow: `max(x, 0) + log(1 + e^-|x|)`.
+fn softplus(x: &Tensor) -> Result<Tensor> {
+    Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
+}
+
+/// The pairwise logistic loss of the twins: the mean of `log(1 + e^(l_neg - l_pos))` over
+/// pairs, where `pos` and `neg` index the flattened `[rows, themes]` logits.
+fn twin_loss(logits: &Tensor, pos: &Tensor, neg: &Tensor) -> Result<Tensor> {
+    let flat = logits.flatten_all()?;
+    let margin = (flat.index_select(neg, 0)? - flat.index_select(pos, 0)?)?;
+    Ok(softplus(&margin)?.mean_all()?)
+}
+
+/// Rows for [`fit_head`]: features, targets, per-row loss weights, and the contrastive twins
+/// as `[row with the theme, row without it, theme]`.
+struct FitRows {
+    x: Tensor,
+    y: Tensor,
+    w: Tensor,
+    twins: Vec<[u32; 3]>,
+}
+
 /// Trains an ensemble full-batch from seeded initialisations; member `i` sees its own seeded
 /// 85% sample of the rows.
 fn fit_head(
-    (x, y, w): &(Tensor, Tensor, Tensor),
+    FitRows { x, y, w, twins }: &FitRows,
     s: &Settings,
     verbose: bool,
 ) -> Result<(VarMap, ThemeHead)> {
@@ -428,6 +458,27 @@ fn fit_head(
             y.index_select(&idx, 0)?,
             w.index_select(&idx, 0)?,
         );
+        // The twins whose two rows are both in this member's sample, as flat logit indices.
+        let themes = y.dim(1)? as u32;
+        let mut position = vec![None; n];
+        for (at, &r) in rows.iter().enumerate() {
+            position[r as usize] = Some(at as u32);
+        }
+        let (mut pos, mut neg) = (Vec::new(), Vec::new());
+        for &[a, b, t] in twins {
+            if let (Some(a), Some(b)) = (position[a as usize], position[b as usize]) {
+                pos.push(a * themes + t);
+                neg.push(b * themes + t);
+            }
+        }
+        let twin_indices = (s.twin_weight > 0.0 && !pos.is_empty())
+            .then(|| -> Result<(Tensor, Tensor)> {
+                Ok((
+                    Tensor::from_slice(&pos, pos.len(), &Device::Cpu)?,
+                    Tensor::from_slice(&neg, neg.len(), &Device::Cpu)?,
+                ))
+            })
+            .transpose()?;
         let prefix = format!("m{i}.");
         let vars: Vec<Var> = {
             let data = varmap.data().lock().expect("varmap lock");
@@ -443,7 +494,11 @@ fn fit_head(
         };
         let mut opt = AdamW::new(vars, params)?;
         for epoch in 0..s.epochs {
-            let loss = bce_with_logits(&member.forward(&xs)?, &ys, &ws)?;
+            let logits = member.forward(&xs)?;
+            let mut loss = bce_with_logits(&logits, &ys, &ws)?;
+            if let Some((pos, neg)) = &twin_indices {
+                loss = (loss + (twin_loss(&logits, pos, neg)? * s.twin_weight as f64)?)?;
+            }
             opt.backward_step(&loss)?;
             if verbose && (epoch + 1 == s.epochs) {
                 eprintln!(
@@ -790,7 +845,30 @@ fn main() -> Result<()> {
             1.0
         }
     };
-    let fit_rows = |texts: &[usize]| -> Result<(Tensor, Tensor, Tensor)> {
+    // Contrastive twins among `texts`: within a story, each text with a theme against each
+    // without it, as row indices into the first block of `fit_rows` (the article vectors).
+    let twins_of = |texts: &[usize]| -> Vec<[u32; 3]> {
+        let mut by_story: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (row, &i) in texts.iter().enumerate() {
+            by_story
+                .entry(examples[i].story.as_str())
+                .or_default()
+                .push(row);
+        }
+        let has = |row: usize, theme: usize| gold_all[texts[row]][theme];
+        let mut twins = Vec::new();
+        for rows in by_story.values().filter(|r| r.len() > 1) {
+            for t in 0..themes {
+                for &a in rows.iter().filter(|&&r| has(r, t)) {
+                    for &b in rows.iter().filter(|&&r| !has(r, t)) {
+                        twins.push([a as u32, b as u32, t as u32]);
+                    }
+                }
+            }
+        }
+        twins
+    };
+    let fit_rows = |texts: &[usize]| -> Result<FitRows> {
         let text_weights: Vec<f32> = texts.iter().map(|&i| weight_of(i)).collect();
         let column = |w: Vec<f32>| {
             let n = w.len();
@@ -826,11 +904,12 @@ fn main() -> Result<()> {
                 }
             }
         }
-        Ok((
-            Tensor::cat(&xs, 0)?,
-            Tensor::cat(&ys, 0)?,
-            Tensor::cat(&ws, 0)?,
-        ))
+        Ok(FitRows {
+            x: Tensor::cat(&xs, 0)?,
+            y: Tensor::cat(&ys, 0)?,
+            w: Tensor::cat(&ws, 0)?,
+            twins: twins_of(texts),
+        })
     };
     let multi_window = examples
         .iter()
@@ -849,6 +928,12 @@ fn main() -> Result<()> {
         multi_window
     );
 
+    if args.twin_weight > 0.0 {
+        eprintln!(
+            "contrastive twins in the training split: {} (theme, text with it, text without it)",
+            twins_of(&train).len()
+        );
+    }
     let settings = Settings {
         members: args.members,
         hidden: args.hidden,
@@ -856,6 +941,7 @@ fn main() -> Result<()> {
         lr: args.lr,
         weight_decay: args.weight_decay,
         seed: args.seed,
+        twin_weight: args.twin_weight,
     };
 
     // Everything is chosen on out-of-fold predictions inside the training split (4 folds by
@@ -1211,5 +1297,26 @@ mod tests {
         assert!((weighted - duplicated).abs() < 1e-6);
         // Unit weights give the plain mean, which a heavier wrong row raises.
         assert!(weighted > loss(&logits, &targets, &[1.0, 1.0]));
+    }
+
+    #[test]
+    fn the_twin_loss_pays_for_a_twin_scored_above_its_positive() {
+        // Two rows, two themes; the pair is (row 0, row 1) on theme 1: flat indices 1 and 3.
+        let pair = |l: [f32; 4]| {
+            let logits = Tensor::from_vec(l.to_vec(), (2, 2), &Device::Cpu).unwrap();
+            let pos = Tensor::from_slice(&[1u32], 1, &Device::Cpu).unwrap();
+            let neg = Tensor::from_slice(&[3u32], 1, &Device::Cpu).unwrap();
+            twin_loss(&logits, &pos, &neg)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let ordered = pair([0.0, 3.0, 9.0, -1.0]);
+        let tied = pair([0.0, 1.0, 9.0, 1.0]);
+        let reversed = pair([0.0, -1.0, 9.0, 3.0]);
+        assert!((tied - 2f32.ln()).abs() < 1e-6);
+        assert!(ordered < tied && tied < reversed);
+        // Large margins stay finite (the stable softplus).
+        assert!(pair([0.0, -80.0, 0.0, 80.0]).is_finite());
     }
 }
