@@ -458,7 +458,8 @@ fn fit_head(
             y.index_select(&idx, 0)?,
             w.index_select(&idx, 0)?,
         );
-        // The twins whose two rows are both in this member's sample, as flat logit indices.
+        // The twins whose two rows are both in this member's sample, as flat logit indices
+        // (`twins` is empty when the loss is off).
         let themes = y.dim(1)? as u32;
         let mut position = vec![None; n];
         for (at, &r) in rows.iter().enumerate() {
@@ -471,7 +472,7 @@ fn fit_head(
                 neg.push(b * themes + t);
             }
         }
-        let twin_indices = (s.twin_weight > 0.0 && !pos.is_empty())
+        let twin_indices = (!pos.is_empty())
             .then(|| -> Result<(Tensor, Tensor)> {
                 Ok((
                     Tensor::from_slice(&pos, pos.len(), &Device::Cpu)?,
@@ -908,7 +909,11 @@ fn main() -> Result<()> {
             x: Tensor::cat(&xs, 0)?,
             y: Tensor::cat(&ys, 0)?,
             w: Tensor::cat(&ws, 0)?,
-            twins: twins_of(texts),
+            // Pairs only where the loss uses them.
+            twins: match args.twin_weight > 0.0 {
+                true => twins_of(texts),
+                false => Vec::new(),
+            },
         })
     };
     let multi_window = examples
