@@ -5,10 +5,12 @@
 //! of the window vectors, or the best or two best window scores), chosen by cross-validation
 //! when the head was trained, then calibrated per theme (Platt scaling) so that a score reads
 //! as a probability. Every window is used; none is dropped. A card may also blend in the vote of
-//! the training windows nearest to each window before calibration (`heads::neighbours`).
+//! the training windows nearest to each window before calibration (`heads::neighbours`). A
+//! head whose card names [`Aggregation::Sentences`] scores sentences instead of windows: the
+//! article's logit is the smooth maximum of its sentences' logits.
 //!
-//! Evidence: every sentence's vector is the mean of its tokens' hidden states, each token taken
-//! from the window where it has most context on both sides, from the same pass; the theme head
+//! Evidence: every sentence's vector is pooled from its tokens' states, each token taken from
+//! the window where it has most context on both sides, from the same pass; the theme head
 //! scores it alone, and the best sentences of each reported theme are returned.
 
 use std::ops::Range;
@@ -564,8 +566,26 @@ impl Analyzer {
                 rows
             })
             .collect();
+        // Sentences (and, for the poolings that sentence-scoring sets read, their pooled rows):
+        // made once, read by the article scores and the evidence.
+        let sentences = PieceSentences::of(piece, states);
+        let sentence_rows: Vec<Vec<f32>> = self
+            .poolings
+            .iter()
+            .enumerate()
+            .map(|(i, &pooling)| {
+                let read = self
+                    .sets
+                    .iter()
+                    .any(|s| s.pooled == i && s.card.aggregation == Aggregation::Sentences);
+                match read {
+                    true => sentences.pooled_rows(states, pooling, h),
+                    false => Vec::new(),
+                }
+            })
+            .collect();
         let (whole_probs, evidence_for) = if whole {
-            let probs = self.article_probs(&window_rows)?;
+            let probs = self.article_probs(&window_rows, &sentence_rows)?;
             let labels = self.labels(&probs);
             (Some(probs), labels)
         } else {
@@ -574,7 +594,7 @@ impl Analyzer {
         let mut evidence = if evidence_for.is_empty() {
             Vec::new()
         } else {
-            self.evidence(piece, states, &evidence_for)?
+            self.evidence(&sentences, states, &sentence_rows, &evidence_for)?
         };
         let mut entities = self.entities_from_states(piece, states)?;
         for e in &mut evidence {
@@ -587,6 +607,7 @@ impl Analyzer {
         }
         Ok(Partial {
             window_rows,
+            sentence_rows,
             whole_probs,
             evidence,
             entities,
@@ -595,12 +616,16 @@ impl Analyzer {
         })
     }
 
-    /// Calibrated article scores of every theme, from the pooled rows of all its windows
-    /// (per pooling, row-major), by each card's [`Aggregation`].
-    fn article_probs(&self, window_rows: &[Vec<f32>]) -> Result<Vec<f32>> {
+    /// Calibrated article scores of every theme, from the pooled rows of all its windows and
+    /// sentences (per pooling, row-major), by each card's [`Aggregation`].
+    fn article_probs(
+        &self,
+        window_rows: &[Vec<f32>],
+        sentence_rows: &[Vec<f32>],
+    ) -> Result<Vec<f32>> {
         let mut probs = Vec::with_capacity(self.themes.len());
         for set in &self.sets {
-            probs.extend(set.article_probs(&window_rows[set.pooled])?);
+            probs.extend(set.article_probs(&window_rows[set.pooled], &sentence_rows[set.pooled])?);
         }
         Ok(probs)
     }
@@ -622,15 +647,20 @@ impl Analyzer {
         let probs = match partials.as_mut_slice() {
             [one] if one.whole_probs.is_some() => one.whole_probs.take().expect("checked"),
             _ => {
-                let rows: Vec<Vec<f32>> = (0..self.poolings.len())
-                    .map(|i| {
-                        partials
-                            .iter()
-                            .flat_map(|p| p.window_rows[i].iter().copied())
-                            .collect()
-                    })
-                    .collect();
-                self.article_probs(&rows)?
+                // A long article's windows and sentences are all its segments' together.
+                let joined = |of: fn(&Partial) -> &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+                    (0..self.poolings.len())
+                        .map(|i| {
+                            partials
+                                .iter()
+                                .flat_map(|p| of(p)[i].iter().copied())
+                                .collect()
+                        })
+                        .collect()
+                };
+                let windows = joined(|p| &p.window_rows);
+                let sentences = joined(|p| &p.sentence_rows);
+                self.article_probs(&windows, &sentences)?
             }
         };
         let themes: Vec<ThemeScore> = self
@@ -766,36 +796,18 @@ impl Analyzer {
             .collect())
     }
 
-    /// Scores every sentence alone and keeps the best ones for each label.
-    fn evidence(&self, text: &str, states: &TextStates, labels: &[Theme]) -> Result<Vec<Evidence>> {
+    /// Scores every sentence alone and keeps the best ones for each label. `sentence_rows`
+    /// holds the rows already pooled for the article scores (per pooling; empty: not made).
+    fn evidence(
+        &self,
+        sentences: &PieceSentences,
+        states: &TextStates,
+        sentence_rows: &[Vec<f32>],
+        labels: &[Theme],
+    ) -> Result<Vec<Evidence>> {
         let h = self.embedder.hidden_size();
-        let sentences = sentence_spans(text);
-        let ranges: Vec<_> = states.windows.iter().map(|w| w.content.clone()).collect();
-        let owner = owning_window(&ranges, states.content_tokens);
-        // Each sentence's tokens as (window, row) pairs; tokens and sentences both ascend.
-        let mut members: Vec<Vec<(usize, usize)>> = vec![Vec::new(); sentences.len()];
-        let mut s = 0;
-        for (t, &w) in owner.iter().enumerate() {
-            let window = &states.windows[w];
-            let row = window.content_offset + (t - window.content.start);
-            let Some(span) = window.spans[row] else {
-                continue;
-            };
-            while s < sentences.len() && sentences[s].end <= span.start {
-                s += 1;
-            }
-            if s == sentences.len() {
-                break;
-            }
-            if span.end > sentences[s].start {
-                members[s].push((w, row));
-            }
-        }
-        let kept: Vec<usize> = (0..sentences.len())
-            .filter(|&i| !members[i].is_empty())
-            .collect();
-        // Each set that has one of the labels scores every kept sentence once, from rows
-        // pooled once per pooling.
+        // Each set that has one of the labels scores every sentence once, from rows pooled
+        // once per pooling.
         let mut pooled_rows: Vec<Option<Vec<f32>>> = vec![None; self.poolings.len()];
         let mut set_probs: Vec<Option<Vec<Vec<f32>>>> = vec![None; self.sets.len()];
         let mut evidence = Vec::new();
@@ -804,46 +816,23 @@ impl Analyzer {
                 continue;
             };
             let set = &self.sets[s];
-            if pooled_rows[set.pooled].is_none() {
+            if pooled_rows[set.pooled].is_none() && sentence_rows[set.pooled].is_empty() {
                 let pooling = self.poolings[set.pooled];
-                let mut rows = Vec::with_capacity(kept.len() * pooling.output_size(h));
-                for &i in &kept {
-                    // The sentence's token states, from the last layer or the layer mean,
-                    // without copying them: one closure, so both iterators have one type.
-                    let states_of = |layer_mean: bool| {
-                        members[i].iter().map(move |&(w, row)| {
-                            let window = &states.windows[w];
-                            // `build` gives the embedder a layer mean whenever a card's pooling
-                            // reads one.
-                            let table = match layer_mean {
-                                true => window
-                                    .layer_mean
-                                    .as_ref()
-                                    .expect("the embedder makes layer means for this pooling"),
-                                false => &window.hidden,
-                            };
-                            table.row(row)
-                        })
-                    };
-                    pooling.pool(
-                        states_of(false),
-                        pooling.needs_layer_mean().then(|| states_of(true)),
-                        h,
-                        &mut rows,
-                    );
-                }
-                pooled_rows[set.pooled] = Some(rows);
+                pooled_rows[set.pooled] = Some(sentences.pooled_rows(states, pooling, h));
             }
             if set_probs[s].is_none() {
-                let rows = pooled_rows[set.pooled].as_ref().expect("pooled above");
+                let rows = pooled_rows[set.pooled]
+                    .as_ref()
+                    .unwrap_or(&sentence_rows[set.pooled]);
                 let width = set.card.input_size;
                 set_probs[s] = Some(set.head.probabilities(rows, width, &Device::Cpu)?);
             }
             let probs = set_probs[s].as_ref().expect("computed above");
-            let mut scored: Vec<(Span, f32)> = kept
+            let mut scored: Vec<(Span, f32)> = sentences
+                .spans
                 .iter()
                 .zip(probs)
-                .map(|(&i, p)| (sentences[i], p[k]))
+                .map(|(&span, p)| (span, p[k]))
                 .collect();
             scored.sort_by(|a, b| b.1.total_cmp(&a.1));
             evidence.extend(scored.into_iter().take(self.evidence_per_theme).map(
@@ -881,10 +870,15 @@ struct ThemeSet {
 
 impl ThemeSet {
     /// Calibrated article scores of the set's themes from the pooled rows of an article's
-    /// windows (row-major, `card.input_size` wide), by the card's [`Aggregation`].
-    fn article_probs(&self, window_rows: &[f32]) -> Result<Vec<f32>> {
+    /// windows or sentences (row-major, `card.input_size` wide), by the card's
+    /// [`Aggregation`].
+    fn article_probs(&self, window_rows: &[f32], sentence_rows: &[f32]) -> Result<Vec<f32>> {
         let width = self.card.input_size;
         let raw = match self.card.aggregation {
+            Aggregation::Sentences => {
+                self.head
+                    .sentence_article_probabilities(sentence_rows, width, &Device::Cpu)?
+            }
             Aggregation::MeanVector => {
                 let mean = mean_row(window_rows, width);
                 self.head
@@ -911,6 +905,99 @@ impl ThemeSet {
             None => raw,
         };
         Ok(self.card.calibrate(raw))
+    }
+}
+
+/// The sentences of `text` that have tokens (byte spans, in order) and their states pooled by
+/// `pooling` (row-major, one row each): what a head with [`Aggregation::Sentences`] scores.
+/// `states` must be `text`'s, from an embedder that keeps the layer mean when `pooling`
+/// reads one. `train_themes` trains on these rows, so training and the analyzer cannot
+/// disagree on them.
+///
+/// # Panics
+/// If `pooling` reads a layer mean that `states` lack.
+pub fn pooled_sentences(
+    text: &str,
+    states: &TextStates,
+    pooling: Pooling,
+) -> (Vec<Span>, Vec<f32>) {
+    let Some(first) = states.windows.first() else {
+        return (Vec::new(), Vec::new());
+    };
+    let sentences = PieceSentences::of(text, states);
+    let rows = sentences.pooled_rows(states, pooling, first.hidden.ncols());
+    (sentences.spans, rows)
+}
+
+/// The sentences of a piece that have tokens, and where each one's tokens are.
+struct PieceSentences {
+    /// Byte spans into the piece, in order.
+    spans: Vec<Span>,
+    /// (window, row) of each sentence's tokens, every token from the window that owns it.
+    members: Vec<Vec<(usize, usize)>>,
+}
+
+impl PieceSentences {
+    fn of(text: &str, states: &TextStates) -> Self {
+        let sentences = sentence_spans(text);
+        let ranges: Vec<_> = states.windows.iter().map(|w| w.content.clone()).collect();
+        let owner = owning_window(&ranges, states.content_tokens);
+        // Each sentence's tokens as (window, row) pairs; tokens and sentences both ascend.
+        let mut members: Vec<Vec<(usize, usize)>> = vec![Vec::new(); sentences.len()];
+        let mut s = 0;
+        for (t, &w) in owner.iter().enumerate() {
+            let window = &states.windows[w];
+            let row = window.content_offset + (t - window.content.start);
+            let Some(span) = window.spans[row] else {
+                continue;
+            };
+            while s < sentences.len() && sentences[s].end <= span.start {
+                s += 1;
+            }
+            if s == sentences.len() {
+                break;
+            }
+            if span.end > sentences[s].start {
+                members[s].push((w, row));
+            }
+        }
+        let (spans, members) = sentences
+            .into_iter()
+            .zip(members)
+            .filter(|(_, m)| !m.is_empty())
+            .unzip();
+        PieceSentences { spans, members }
+    }
+
+    /// Every sentence's states pooled by `pooling`, row-major.
+    fn pooled_rows(&self, states: &TextStates, pooling: Pooling, h: usize) -> Vec<f32> {
+        let mut rows = Vec::with_capacity(self.members.len() * pooling.output_size(h));
+        for members in &self.members {
+            // The sentence's token states, from the last layer or the layer mean, without
+            // copying them: one closure, so both iterators have one type.
+            let states_of = |layer_mean: bool| {
+                members.iter().map(move |&(w, row)| {
+                    let window = &states.windows[w];
+                    // `build` gives the embedder a layer mean whenever a card's pooling reads
+                    // one.
+                    let table = match layer_mean {
+                        true => window
+                            .layer_mean
+                            .as_ref()
+                            .expect("the embedder makes layer means for this pooling"),
+                        false => &window.hidden,
+                    };
+                    table.row(row)
+                })
+            };
+            pooling.pool(
+                states_of(false),
+                pooling.needs_layer_mean().then(|| states_of(true)),
+                h,
+                &mut rows,
+            );
+        }
+        rows
     }
 }
 
@@ -979,6 +1066,9 @@ impl PreparedArticles {
 struct Partial {
     /// Pooled states of each window, row-major, per distinct pooling of the sets.
     window_rows: Vec<Vec<f32>>,
+    /// Pooled states of each sentence, row-major, per distinct pooling of the sets (empty for
+    /// a pooling that no sentence-scoring set reads).
+    sentence_rows: Vec<Vec<f32>>,
     /// The article's scores (every theme) when the piece is the whole article.
     whole_probs: Option<Vec<f32>>,
     evidence: Vec<Evidence>,

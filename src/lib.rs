@@ -61,8 +61,8 @@ pub mod train;
 pub mod weights;
 
 pub use analyzer::{
-    default_heads_folder, segment_text, Analysis, Analyzer, AnalyzerBuilder, Article,
-    PreparedArticles, DEFAULT_SEGMENT_BYTES,
+    default_heads_folder, pooled_sentences, segment_text, Analysis, Analyzer, AnalyzerBuilder,
+    Article, PreparedArticles, DEFAULT_SEGMENT_BYTES,
 };
 /// Re-exported so that users need not depend on candle to pick a device or dtype.
 pub use candle_core::{DType, Device};

@@ -408,3 +408,71 @@ fn neighbour_vote_from_the_card_reaches_the_scores() {
         "{err}"
     );
 }
+
+/// A card naming the sentence rule makes the article's scores the smooth maximum of its
+/// sentences' (the rows `pooled_sentences` gives training), and the evidence the head's
+/// sentence scores; a sentence head with a neighbour vote is refused.
+#[test]
+fn sentence_rule_from_the_card_scores_the_sentences() {
+    use themescan::heads::theme::{log_mean_exp, SENTENCE_SHARPNESS};
+    use themescan::heads::ThemeHead;
+    let text: String = texts()
+        .iter()
+        .take(4)
+        .map(|t| t.text.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let dir = heads_with_theme_card(|card| {
+        card["calibration"] = serde_json::json!([]);
+        card["neighbours"] = serde_json::Value::Null;
+        card["aggregation"] = serde_json::json!("sentences");
+        card["thresholds"] = serde_json::json!([0.0, 0.0, 0.0, 0.0]);
+    });
+    let analyzer = analyzer_with(dir.path()).unwrap();
+    let analysis = analyzer.analyze(&Article::new("x", text.clone())).unwrap();
+
+    let (head, card) = ThemeHead::from_folder(dir.path(), &themescan::Device::Cpu).unwrap();
+    let states = analyzer.embedder().token_states(&[text.as_str()]).unwrap();
+    let (spans, rows) = themescan::pooled_sentences(&text, &states[0], card.pooling);
+    assert!(spans.len() > 1, "the test text has several sentences");
+    let logits = head
+        .logits(&rows, card.input_size, &themescan::Device::Cpu)
+        .unwrap();
+    for (k, score) in analysis.themes.iter().enumerate() {
+        let z = log_mean_exp(logits.iter().map(|l| l[k]), SENTENCE_SHARPNESS).unwrap();
+        let expect = 1.0 / (1.0 + (-z).exp());
+        assert!(
+            (score.score - expect).abs() < 1e-4,
+            "{score:?} against {expect}"
+        );
+        // Between the mean and the best sentence.
+        let best = logits.iter().map(|l| l[k]).fold(f32::MIN, f32::max);
+        let mean = logits.iter().map(|l| l[k]).sum::<f32>() / logits.len() as f32;
+        assert!(z <= best + 1e-5 && z >= mean - 1e-5);
+        // Every theme is a label at threshold 0; its first evidence is its best sentence.
+        let first = analysis
+            .evidence
+            .iter()
+            .find(|e| e.theme == score.theme)
+            .expect("evidence for a label");
+        let best_prob = 1.0 / (1.0 + (-best).exp());
+        assert!(
+            (first.score - best_prob).abs() < 1e-4,
+            "{first:?} against {best_prob}"
+        );
+        assert!(spans
+            .iter()
+            .any(|s| s.start == first.start && s.end == first.end));
+    }
+
+    let dir = heads_with_theme_card(|card| {
+        card["aggregation"] = serde_json::json!("sentences");
+        card["neighbours"] = serde_json::json!({
+            "k": 10, "temperature": 0.0, "weight": 0.5, "dims": 256, "projection_seed": 1
+        });
+    });
+    let Err(err) = analyzer_with(dir.path()) else {
+        panic!("a sentence head with a neighbour vote is refused")
+    };
+    assert!(err.to_string().contains("neighbour"), "{err}");
+}

@@ -43,15 +43,17 @@ use text_cache::TextCache;
 use themescan::heads::neighbours::{
     article_vote, NeighbourIndex, NeighbourSettings, Neighbours, NEIGHBOUR_INDEX,
 };
+use themescan::heads::theme::ThemeMetrics;
 use themescan::heads::theme::{mean_row, Aggregation, Platt, THEME_HEAD_CARD, THEME_HEAD_WEIGHTS};
 use themescan::heads::{Pooling, ThemeCard, ThemeHead};
 use themescan::train::{
     best_threshold, best_threshold_within, expected_calibration_error, fit_platt, is_dev_story,
-    macro_f1, read_theme_examples, story_fold, theme_data_files, theme_metrics,
+    macro_f1, read_theme_examples, story_fold, theme_data_files, theme_metrics, ThemeExample,
 };
 use themescan::{CpuPath, Embedder, ModelSource, Theme};
 
 mod fine_tune;
+mod sentences;
 mod text_cache;
 mod theme_set;
 
@@ -212,9 +214,20 @@ struct Args {
     #[arg(long)]
     also_cpu_path: Option<CpuPath>,
     /// How an article's score comes from its windows; default: the rule with the best
-    /// cross-validated macro-F1 inside the training split.
+    /// cross-validated macro-F1 inside the training split. `sentences` trains a head that
+    /// scores every sentence, the article's score the smooth maximum of its sentences'
+    /// (multiple-instance learning on the article labels; `sentences.rs`).
     #[arg(long, value_enum)]
     aggregation: Option<AggregationArg>,
+    /// `--aggregation sentences`: passes over the training texts.
+    #[arg(long, default_value_t = 10)]
+    sentence_epochs: usize,
+    /// `--aggregation sentences`: texts per minibatch.
+    #[arg(long, default_value_t = 32)]
+    sentence_batch: usize,
+    /// `--aggregation sentences`: learning rate (AdamW; `--weight-decay` applies).
+    #[arg(long, default_value_t = 1e-3)]
+    sentence_lr: f64,
     /// Also train on every window of a text of several windows, under the text's labels.
     #[arg(long)]
     window_rows: bool,
@@ -237,11 +250,13 @@ struct Args {
     fine_tune_batch: usize,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
 enum AggregationArg {
     TopTwoMean,
     MeanVector,
     Max,
+    /// A head that scores sentences, trained through the rule (`sentences.rs`).
+    Sentences,
 }
 
 impl From<AggregationArg> for Aggregation {
@@ -250,6 +265,7 @@ impl From<AggregationArg> for Aggregation {
             AggregationArg::TopTwoMean => Aggregation::TopTwoMean,
             AggregationArg::MeanVector => Aggregation::MeanVector,
             AggregationArg::Max => Aggregation::Max,
+            AggregationArg::Sentences => Aggregation::Sentences,
         }
     }
 }
@@ -595,6 +611,78 @@ fn ece(probs: &[Vec<f32>], gold: &[Vec<bool>]) -> f64 {
     expected_calibration_error(&s, &g, 10)
 }
 
+/// Dev figures at the chosen thresholds: per theme, per language, macro-F1 and calibration.
+struct DevReport {
+    metrics: Vec<ThemeMetrics>,
+    by_lang: BTreeMap<String, f64>,
+    macro_f1: f64,
+    ece: f64,
+}
+
+/// Measures calibrated dev scores (`probs[r]` for text `dev[r]`) against `gold` and prints
+/// the figures `evaluate themes` also gives, with the near misses labelled.
+fn report_dev(
+    labels: &[Theme],
+    examples: &[ThemeExample],
+    dev: &[usize],
+    gold: &[Vec<bool>],
+    probs: &[Vec<f32>],
+    thresholds: &[f32],
+) -> DevReport {
+    let predicted = flags(probs, thresholds);
+    let metrics = theme_metrics(labels, gold, &predicted);
+    let mut by_lang: BTreeMap<String, f64> = BTreeMap::new();
+    let langs: std::collections::BTreeSet<&str> =
+        dev.iter().map(|&i| examples[i].lang.as_str()).collect();
+    for lang in langs {
+        let rows: Vec<usize> = (0..dev.len())
+            .filter(|&r| examples[dev[r]].lang == lang)
+            .collect();
+        let g: Vec<Vec<bool>> = rows.iter().map(|&r| gold[r].clone()).collect();
+        let p: Vec<Vec<bool>> = rows.iter().map(|&r| predicted[r].clone()).collect();
+        by_lang.insert(lang.to_string(), macro_f1(&theme_metrics(labels, &g, &p)));
+    }
+    let dev_macro = macro_f1(&metrics);
+    let dev_ece = ece(probs, gold);
+    println!(
+        "{:<22} {:>9} {:>9} {:>9} {:>8} {:>9}",
+        "theme", "precision", "recall", "f1", "support", "threshold"
+    );
+    for (m, t) in metrics.iter().zip(thresholds) {
+        println!(
+            "{:<22} {:>9.3} {:>9.3} {:>9.3} {:>8} {:>9.2}",
+            m.theme.as_str(),
+            m.precision,
+            m.recall,
+            m.f1,
+            m.support,
+            t
+        );
+    }
+    for (lang, f1) in &by_lang {
+        println!("dev macro_f1[{lang}] {f1:.3}");
+    }
+    let near_misses: Vec<usize> = (0..dev.len())
+        .filter(|&r| examples[dev[r]].kind == "near_miss")
+        .collect();
+    println!(
+        "dev near misses labelled {} of {}",
+        near_misses
+            .iter()
+            .filter(|&&r| predicted[r].iter().any(|&p| p))
+            .count(),
+        near_misses.len()
+    );
+    println!("dev expected_calibration_error {dev_ece:.4}");
+    println!("dev macro_f1 {dev_macro:.4}");
+    DevReport {
+        metrics,
+        by_lang,
+        macro_f1: dev_macro,
+        ece: dev_ece,
+    }
+}
+
 fn build_embedder(
     args: &Args,
     path: CpuPath,
@@ -750,6 +838,11 @@ fn main() -> Result<()> {
     let layer_mean = layer_mean_for(pooling, &out)?;
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
     let embedder = build_embedder(&args, args.cpu_path, &layers, layer_mean)?;
+    if args.aggregation == Some(AggregationArg::Sentences) {
+        return sentences::run(
+            &args, &out, &examples, data_sha, &embedder, pooling, layer_mean, &layers,
+        );
+    }
     let mut features = window_features(
         &embedder,
         &texts,
@@ -1123,7 +1216,6 @@ fn main() -> Result<()> {
 
     // The shipped head: trained on the whole training split.
     let (mut varmap, head) = fit_head(&fit_rows(&train)?, &settings, true)?;
-    let gold: Vec<Vec<bool>> = dev.iter().map(|&i| gold_all[i].clone()).collect();
     let mut dev_raw = article_probs(&head, &dev, &x, &windows, width)?
         .remove(&aggregation)
         .expect("every rule");
@@ -1139,52 +1231,13 @@ fn main() -> Result<()> {
         }
     }
     let dev_probs: Vec<Vec<f32>> = dev_raw.iter().map(calibrate).collect();
-    let predicted = flags(&dev_probs, &thresholds);
-    let metrics = theme_metrics(&labels, &gold, &predicted);
-    let mut by_lang: BTreeMap<String, f64> = BTreeMap::new();
-    let langs: std::collections::BTreeSet<&str> =
-        dev.iter().map(|&i| examples[i].lang.as_str()).collect();
-    for lang in langs {
-        let rows: Vec<usize> = (0..dev.len())
-            .filter(|&r| examples[dev[r]].lang == lang)
-            .collect();
-        let g: Vec<Vec<bool>> = rows.iter().map(|&r| gold[r].clone()).collect();
-        let p: Vec<Vec<bool>> = rows.iter().map(|&r| predicted[r].clone()).collect();
-        by_lang.insert(lang.to_string(), macro_f1(&theme_metrics(&labels, &g, &p)));
-    }
-    let dev_macro = macro_f1(&metrics);
-    let dev_ece = ece(&dev_probs, &gold);
-    println!(
-        "{:<22} {:>9} {:>9} {:>9} {:>8} {:>9}",
-        "theme", "precision", "recall", "f1", "support", "threshold"
-    );
-    for (m, t) in metrics.iter().zip(&thresholds) {
-        println!(
-            "{:<22} {:>9.3} {:>9.3} {:>9.3} {:>8} {:>9.2}",
-            m.theme.as_str(),
-            m.precision,
-            m.recall,
-            m.f1,
-            m.support,
-            t
-        );
-    }
-    for (lang, f1) in &by_lang {
-        println!("dev macro_f1[{lang}] {f1:.3}");
-    }
-    let near_misses: Vec<usize> = (0..dev.len())
-        .filter(|&r| examples[dev[r]].kind == "near_miss")
-        .collect();
-    println!(
-        "dev near misses labelled {} of {}",
-        near_misses
-            .iter()
-            .filter(|&&r| predicted[r].iter().any(|&p| p))
-            .count(),
-        near_misses.len()
-    );
-    println!("dev expected_calibration_error {dev_ece:.4}");
-    println!("dev macro_f1 {dev_macro:.4}");
+    let gold: Vec<Vec<bool>> = dev.iter().map(|&i| gold_all[i].clone()).collect();
+    let DevReport {
+        metrics,
+        by_lang,
+        macro_f1: dev_macro,
+        ece: dev_ece,
+    } = report_dev(&labels, &examples, &dev, &gold, &dev_probs, &thresholds);
 
     std::fs::create_dir_all(&out)?;
     if let Some(subspace) = &languages {

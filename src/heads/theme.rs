@@ -128,10 +128,45 @@ pub enum Aggregation {
     MeanVector,
     /// The best window's probability per theme.
     Max,
+    /// The head scores every sentence, pooled as a window is, and an article's logit per theme
+    /// is the smooth maximum of its sentences' logits ([`log_mean_exp`] at
+    /// [`SENTENCE_SHARPNESS`]). A head with this rule is trained through it
+    /// (multiple-instance learning: labels on articles, instances the sentences), so one
+    /// sentence that carries a theme can carry the article, and the head's sentence scores
+    /// are the evidence it went by.
+    Sentences,
+}
+
+/// Sharpness `r` of the sentence rule's smooth maximum, `(1/r)·ln(mean(e^(r·l)))`: at 2 an
+/// article of 30 sentences whose best sentence's logit stands 3 above the rest scores about
+/// 1.3 below that sentence (the mean would be 0.1 above the rest, the maximum the sentence).
+pub const SENTENCE_SHARPNESS: f32 = 2.0;
+
+/// The smooth maximum `(1/r)·ln(mean(e^(r·x)))` of `values`, computed without overflow;
+/// `None` when there are none. It lies between the mean (r → 0) and the maximum (r → ∞).
+///
+/// ```
+/// use themescan::heads::theme::log_mean_exp;
+/// let one = log_mean_exp([1.5].into_iter(), 2.0).unwrap();
+/// assert!((one - 1.5).abs() < 1e-6);
+/// let two = log_mean_exp([0.0, 4.0].into_iter(), 2.0).unwrap();
+/// assert!(two > 2.0 && two < 4.0);
+/// assert_eq!(log_mean_exp(std::iter::empty(), 2.0), None);
+/// ```
+pub fn log_mean_exp(values: impl Iterator<Item = f32> + Clone, sharpness: f32) -> Option<f32> {
+    let max = values.clone().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return None;
+    }
+    let (sum, n) = values.fold((0f32, 0usize), |(s, n), v| {
+        (s + (sharpness * (v - max)).exp(), n + 1)
+    });
+    Some(max + (sum / n as f32).ln() / sharpness)
 }
 
 impl Aggregation {
-    /// All rules, for training and reports.
+    /// The window rules, among which training chooses by cross-validation ([`Aggregation::Sentences`]
+    /// is a head of its own, asked for by name).
     pub const ALL: [Aggregation; 3] = [
         Aggregation::TopTwoMean,
         Aggregation::MeanVector,
@@ -139,7 +174,8 @@ impl Aggregation {
     ];
 
     /// Combines per-window probabilities for the rules that work on them; `None` for
-    /// [`Aggregation::MeanVector`], which needs the pooled vectors instead.
+    /// [`Aggregation::MeanVector`], which needs the pooled vectors instead, and for
+    /// [`Aggregation::Sentences`], which needs the sentences' logits.
     /// Every row of `window_probs` has one probability per theme.
     pub fn combine(self, window_probs: &[Vec<f32>]) -> Option<Vec<f32>> {
         let themes = window_probs.first().map_or(0, Vec::len);
@@ -151,9 +187,13 @@ impl Aggregation {
                     .map(|k| column(k).fold(0f32, f32::max))
                     .collect(),
             ),
-            Aggregation::MeanVector => None,
+            Aggregation::MeanVector | Aggregation::Sentences => None,
         }
     }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
 }
 
 /// Mean of the two largest values (the value itself when there is one; 0 when none).
@@ -382,6 +422,14 @@ impl ThemeCard {
                 ),
             });
         }
+        if card.neighbours.is_some() && card.aggregation == Aggregation::Sentences {
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                message: "a head that scores sentences has no neighbour vote (its index holds \
+                          windows): remove `neighbours`"
+                    .into(),
+            });
+        }
         if let Some(n) = card.neighbours {
             if n.k == 0 || n.dims == 0 || !(0.0..=1.0).contains(&n.weight) {
                 return Err(Error::Config {
@@ -543,6 +591,22 @@ impl ThemeHead {
         input_size: usize,
         device: &Device,
     ) -> Result<Vec<Vec<f32>>> {
+        let mut out = self.logits(rows, input_size, device)?;
+        for row in &mut out {
+            for l in row.iter_mut() {
+                *l = sigmoid(*l);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Logits (the members' mean) for host vectors, row-major `[rows, input]`.
+    pub fn logits(
+        &self,
+        rows: &[f32],
+        input_size: usize,
+        device: &Device,
+    ) -> Result<Vec<Vec<f32>>> {
         let n = rows.len() / input_size.max(1);
         if n == 0 {
             return Ok(Vec::new());
@@ -561,15 +625,28 @@ impl ThemeHead {
             let members = host.len() as f32;
             return Ok(sum
                 .chunks_exact(self.labels)
-                .map(|r| {
-                    r.iter()
-                        .map(|l| 1.0 / (1.0 + (-l / members).exp()))
-                        .collect()
-                })
+                .map(|r| r.iter().map(|l| l / members).collect())
                 .collect());
         }
         let x = Tensor::from_slice(rows, (n, input_size), device)?;
-        Ok(candle_nn::ops::sigmoid(&self.forward(&x)?)?.to_vec2()?)
+        Ok(self.forward(&x)?.to_vec2()?)
+    }
+
+    /// Article probabilities by [`Aggregation::Sentences`]: per theme, the sigmoid of the
+    /// smooth maximum of the sentences' logits (`sentence_rows` row-major `[sentences,
+    /// input]`); zeros for an article without sentences.
+    pub fn sentence_article_probabilities(
+        &self,
+        sentence_rows: &[f32],
+        input_size: usize,
+        device: &Device,
+    ) -> Result<Vec<f32>> {
+        let logits = self.logits(sentence_rows, input_size, device)?;
+        Ok((0..self.labels)
+            .map(|k| {
+                log_mean_exp(logits.iter().map(|r| r[k]), SENTENCE_SHARPNESS).map_or(0.0, sigmoid)
+            })
+            .collect())
     }
 }
 
