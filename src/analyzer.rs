@@ -567,21 +567,23 @@ impl Analyzer {
             })
             .collect();
         // Sentences (and, for the poolings that sentence-scoring sets read, their pooled rows):
-        // made once, read by the article scores and the evidence.
-        let sentences = PieceSentences::of(piece, states);
+        // made once, read by the article scores and the evidence; not at all for window heads
+        // when nothing is reported.
+        let reads_sentences = |i: usize| {
+            self.sets
+                .iter()
+                .any(|s| s.pooled == i && s.card.aggregation == Aggregation::Sentences)
+        };
+        let mut sentences = (0..self.poolings.len())
+            .any(reads_sentences)
+            .then(|| PieceSentences::of(piece, states));
         let sentence_rows: Vec<Vec<f32>> = self
             .poolings
             .iter()
             .enumerate()
-            .map(|(i, &pooling)| {
-                let read = self
-                    .sets
-                    .iter()
-                    .any(|s| s.pooled == i && s.card.aggregation == Aggregation::Sentences);
-                match read {
-                    true => sentences.pooled_rows(states, pooling, h),
-                    false => Vec::new(),
-                }
+            .map(|(i, &pooling)| match (&sentences, reads_sentences(i)) {
+                (Some(sentences), true) => sentences.pooled_rows(states, pooling, h),
+                _ => Vec::new(),
             })
             .collect();
         let (whole_probs, evidence_for) = if whole {
@@ -594,7 +596,8 @@ impl Analyzer {
         let mut evidence = if evidence_for.is_empty() {
             Vec::new()
         } else {
-            self.evidence(&sentences, states, &sentence_rows, &evidence_for)?
+            let sentences = sentences.get_or_insert_with(|| PieceSentences::of(piece, states));
+            self.evidence(sentences, states, &sentence_rows, &evidence_for)?
         };
         let mut entities = self.entities_from_states(piece, states)?;
         for e in &mut evidence {

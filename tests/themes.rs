@@ -317,13 +317,21 @@ fn analyzer_with(heads: &std::path::Path) -> themescan::Result<Analyzer> {
 #[test]
 fn calibration_and_aggregation_from_the_card_reach_the_scores() {
     let text = texts()[0].text.clone();
-    let plain = analyzer()
+    // The head scoring windows by the best one, uncalibrated, without a vote.
+    let uncalibrated = heads_with_theme_card(|card| {
+        card["calibration"] = serde_json::json!([]);
+        card["aggregation"] = serde_json::json!("max");
+        card["neighbours"] = serde_json::Value::Null;
+    });
+    let plain = analyzer_with(uncalibrated.path())
+        .unwrap()
         .analyze(&Article::new("x", text.clone()))
         .unwrap();
     let sharpen = serde_json::json!({"slope": 3.0, "intercept": -1.0});
     let dir = heads_with_theme_card(|card| {
         card["calibration"] = serde_json::json!([sharpen, sharpen, sharpen, sharpen]);
         card["aggregation"] = serde_json::json!("max");
+        card["neighbours"] = serde_json::Value::Null;
     });
     let analyzer = analyzer_with(dir.path()).unwrap();
     let calibrated = analyzer.analyze(&Article::new("x", text)).unwrap();
@@ -332,7 +340,7 @@ fn calibration_and_aggregation_from_the_card_reach_the_scores() {
         intercept: -1.0,
     };
     for (raw, cal) in plain.themes.iter().zip(&calibrated.themes) {
-        // One window: the max and the top-two mean of one score are the score itself.
+        // The same raw scores, calibrated by the card.
         assert!(
             (platt.apply(raw.score) - cal.score).abs() < 1e-5,
             "{raw:?} {cal:?}"
@@ -365,11 +373,39 @@ fn neighbour_vote_from_the_card_reaches_the_scores() {
     let scores_with = |weight: f64| {
         let dir = heads_with_theme_card(|card| {
             card["calibration"] = serde_json::json!([]);
+            card["aggregation"] = serde_json::json!("top_two_mean");
             card["neighbours"] = serde_json::json!({
                 "k": 10, "temperature": 0.0, "weight": weight, "dims": 256,
                 "projection_seed": 20261121
             });
         });
+        // An index of its own (the shipped head may have none): 40 seeded rows and labels.
+        let settings = themescan::heads::neighbours::NeighbourSettings {
+            k: 10,
+            temperature: 0.0,
+            weight: weight as f32,
+            dims: 256,
+            projection_seed: 20261121,
+        };
+        let mut state = 0x9e3779b97f4a7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let width = 1536;
+        let rows: Vec<f32> = (0..40 * width).map(|_| next() - 0.5).collect();
+        let labels: Vec<Vec<bool>> = (0..40)
+            .map(|_| (0..4).map(|_| next() < 0.3).collect())
+            .collect();
+        themescan::heads::neighbours::NeighbourIndex::build(&rows, width, &labels, settings)
+            .unwrap()
+            .save(
+                &dir.path()
+                    .join(themescan::heads::neighbours::NEIGHBOUR_INDEX),
+            )
+            .unwrap();
         let analysis = analyzer_with(dir.path())
             .unwrap()
             .analyze(&Article::new("x", text.clone()))
@@ -394,12 +430,18 @@ fn neighbour_vote_from_the_card_reaches_the_scores() {
         );
     }
 
-    let dir = heads_with_theme_card(|_| {});
-    std::fs::remove_file(
-        dir.path()
-            .join(themescan::heads::neighbours::NEIGHBOUR_INDEX),
-    )
-    .unwrap();
+    let dir = heads_with_theme_card(|card| {
+        card["aggregation"] = serde_json::json!("top_two_mean");
+        card["neighbours"] = serde_json::json!({
+            "k": 10, "temperature": 0.0, "weight": 0.5, "dims": 256, "projection_seed": 1
+        });
+    });
+    let index = dir
+        .path()
+        .join(themescan::heads::neighbours::NEIGHBOUR_INDEX);
+    if index.is_file() {
+        std::fs::remove_file(&index).unwrap();
+    }
     let Err(err) = analyzer_with(dir.path()) else {
         panic!("a card asking for a neighbour index the folder lacks is refused")
     };
