@@ -29,6 +29,10 @@
 //!    index of every training-split window goes beside the head as
 //!    `themes-neighbours.safetensors` and the Platt fit and thresholds of step 4 are made on
 //!    the blended scores.
+//!
+//! With `--aggregation sentences` (the shipped head) the head scores sentences instead, trained
+//! through the rule that makes an article's score from them: steps 1, 3 and 4 are
+//! `sentences.rs`'s, and there is no vote (step 5).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
