@@ -103,7 +103,7 @@ fn push_normalised(v: &[f32], out: &mut Vec<f32>) {
 }
 
 /// How an article's scores come from its windows (an article longer than one window has
-/// several; segments of a huge text add more).
+/// several; segments of a huge text add more), or from its sentences.
 #[derive(
     Debug,
     Clone,
@@ -300,7 +300,8 @@ pub struct ThemeCard {
     /// Calibrated score at or above which each theme (in `labels` order) is reported, tuned on
     /// cross-validated predictions inside the training split.
     pub thresholds: Vec<f32>,
-    /// How an article's score comes from its windows.
+    /// How an article's score comes from its windows, or from its sentences
+    /// ([`Aggregation::Sentences`]).
     #[serde(default)]
     pub aggregation: Aggregation,
     /// Per-theme calibration of article scores (in `labels` order); empty: none.
