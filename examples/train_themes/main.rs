@@ -298,19 +298,15 @@ impl WindowFeatures {
     }
 }
 
-/// Pools every window of every text once. The cache holds one file per text, named by the
-/// sha256 of the text, under a folder per pooling, CPU path and encoder: a data file that
-/// grows is only encoded for its new texts.
-fn window_features(
-    embedder: &Embedder,
-    texts: &[&str],
+/// What cached features depend on, for their folder's name: the pooling and layer mean; the
+/// CPU path (int8 and f32 states differ slightly, and heads are trained on the states of the
+/// path they will run on); the fine-tuned layers, if any.
+fn features_key(
     pooling: Pooling,
     layer_mean: Option<(usize, Option<usize>)>,
     cpu_path: CpuPath,
     layers: &Option<(PathBuf, String)>,
-) -> Result<WindowFeatures> {
-    // Keyed by the path: int8 and f32 states differ slightly, and heads are trained on the
-    // states of the path they will run on; and by the fine-tuned layers, if any.
+) -> String {
     let tuned = match layers {
         Some((_, sha)) => format!("-ft{}", &sha[..16]),
         None => String::new(),
@@ -322,10 +318,23 @@ fn window_features(
         ),
         None => String::new(),
     };
+    format!("{pooling:?}{mean_of}-{:?}{tuned}", cpu_path.resolve())
+}
+
+/// Pools every window of every text once. The cache holds one file per text, named by the
+/// sha256 of the text, under a folder per pooling, CPU path and encoder: a data file that
+/// grows is only encoded for its new texts.
+fn window_features(
+    embedder: &Embedder,
+    texts: &[&str],
+    pooling: Pooling,
+    layer_mean: Option<(usize, Option<usize>)>,
+    cpu_path: CpuPath,
+    layers: &Option<(PathBuf, String)>,
+) -> Result<WindowFeatures> {
     let cache = PathBuf::from("target/themescan-cache").join(format!(
-        "theme-windows-{:?}{mean_of}-{:?}{tuned}",
-        pooling,
-        cpu_path.resolve()
+        "theme-windows-{}",
+        features_key(pooling, layer_mean, cpu_path, layers)
     ));
     let cache = TextCache::open(cache)?;
     let missing = cache.missing(texts);
@@ -414,6 +423,24 @@ fn seeded_init(varmap: &VarMap, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// AdamW over ensemble member `i`'s variables alone (`m{i}.` in `varmap`).
+fn member_optimizer(varmap: &VarMap, i: usize, lr: f64, weight_decay: f64) -> Result<AdamW> {
+    let prefix = format!("m{i}.");
+    let vars: Vec<Var> = {
+        let data = varmap.data().lock().expect("varmap lock");
+        data.iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    let params = ParamsAdamW {
+        lr,
+        weight_decay,
+        ..Default::default()
+    };
+    Ok(AdamW::new(vars, params)?)
+}
+
 struct Settings {
     members: usize,
     hidden: usize,
@@ -500,20 +527,7 @@ fn fit_head(
                 ))
             })
             .transpose()?;
-        let prefix = format!("m{i}.");
-        let vars: Vec<Var> = {
-            let data = varmap.data().lock().expect("varmap lock");
-            data.iter()
-                .filter(|(k, _)| k.starts_with(&prefix))
-                .map(|(_, v)| v.clone())
-                .collect()
-        };
-        let params = ParamsAdamW {
-            lr: s.lr,
-            weight_decay: s.weight_decay,
-            ..Default::default()
-        };
-        let mut opt = AdamW::new(vars, params)?;
+        let mut opt = member_optimizer(&varmap, i, s.lr, s.weight_decay)?;
         for epoch in 0..s.epochs {
             let logits = member.forward(&xs)?;
             let mut loss = bce_with_logits(&logits, &ys, &ws)?;

@@ -15,21 +15,27 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
 use themescan::heads::neighbours::NEIGHBOUR_INDEX;
+#[cfg(test)]
+use themescan::heads::theme::log_mean_exp;
 use themescan::heads::theme::{
-    log_mean_exp, Aggregation, Platt, SENTENCE_SHARPNESS, THEME_HEAD_CARD, THEME_HEAD_WEIGHTS,
+    sentence_article_probabilities, Aggregation, Platt, SENTENCE_SHARPNESS, THEME_HEAD_CARD,
+    THEME_HEAD_WEIGHTS,
 };
 use themescan::heads::{Pooling, ThemeCard, ThemeHead};
 use themescan::train::{
     best_threshold_within, fit_platt, is_dev_story, macro_f1, story_fold, theme_metrics,
     ThemeExample,
 };
-use themescan::{pooled_sentences, CpuPath, Embedder, Theme};
+use themescan::{pooled_sentences, Embedder, Theme};
 
 use super::text_cache::TextCache;
-use super::{bce_with_logits, ece, flags, per_theme, report_dev, seeded_init, Args, Rng};
+use super::{
+    bce_with_logits, ece, features_key, flags, member_optimizer, per_theme, report_dev,
+    seeded_init, Args, Rng,
+};
 
 /// Pooled rows of every sentence of each text, row-major, with each text's first row.
 struct SentenceFeatures {
@@ -235,20 +241,7 @@ fn fit_sentence_head(
             .copied()
             .filter(|_| rng.next_f32() < 0.85)
             .collect();
-        let prefix = format!("m{i}.");
-        let vars: Vec<Var> = {
-            let data = varmap.data().lock().expect("varmap lock");
-            data.iter()
-                .filter(|(k, _)| k.starts_with(&prefix))
-                .map(|(_, v)| v.clone())
-                .collect()
-        };
-        let params = ParamsAdamW {
-            lr: s.lr,
-            weight_decay: s.weight_decay,
-            ..Default::default()
-        };
-        let mut opt = AdamW::new(vars, params)?;
+        let mut opt = member_optimizer(&varmap, i, s.lr, s.weight_decay)?;
         let mut last_loss = 0f32;
         for _ in 0..s.epochs {
             // Fisher-Yates with the member's generator.
@@ -282,7 +275,8 @@ fn fit_sentence_head(
     Ok((varmap, head))
 }
 
-/// Raw article probabilities of `texts` by the sentence rule, as the analyzer computes them.
+/// Raw article probabilities of `texts` by the sentence rule, as the analyzer computes them
+/// ([`sentence_article_probabilities`] of the head's sentence logits).
 fn article_probs(
     head: &ThemeHead,
     f: &SentenceFeatures,
@@ -293,22 +287,15 @@ fn article_probs(
     for chunk in texts.chunks(256) {
         let batch = Batch::new(f, chunk, mean, spread)?;
         let logits: Vec<Vec<f32>> = head.forward(&batch.x)?.to_vec2()?;
-        let themes = head.labels();
-        for b in 0..chunk.len() {
-            let mine: Vec<&Vec<f32>> = logits
-                .iter()
-                .zip(&batch.owner)
-                .filter(|(_, &o)| o == b)
-                .map(|(l, _)| l)
-                .collect();
-            out.push(
-                (0..themes)
-                    .map(|k| {
-                        log_mean_exp(mine.iter().map(|l| l[k]), SENTENCE_SHARPNESS)
-                            .map_or(0.0, |z| 1.0 / (1.0 + (-z).exp()))
-                    })
-                    .collect(),
-            );
+        // A text's sentences are consecutive rows of the batch.
+        let mut start = 0;
+        for &i in chunk {
+            let end = start + f.count(i);
+            out.push(sentence_article_probabilities(
+                &logits[start..end],
+                head.labels(),
+            ));
+            start = end;
         }
     }
     Ok(out)
@@ -386,21 +373,7 @@ pub(crate) fn run(
         })
         .collect();
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
-    let tuned = match layers {
-        Some((_, sha)) => format!("-ft{}", &sha[..16]),
-        None => String::new(),
-    };
-    let mean_of = match layer_mean {
-        Some((k, end)) => format!(
-            "-layers{k}-end{}",
-            end.map_or("last".into(), |e| e.to_string())
-        ),
-        None => String::new(),
-    };
-    let key = format!(
-        "{pooling:?}{mean_of}-{:?}{tuned}",
-        CpuPath::resolve(args.cpu_path)
-    );
+    let key = features_key(pooling, layer_mean, args.cpu_path, layers);
     let f = sentence_features(embedder, &texts, pooling, &key)?;
     let dev: Vec<usize> = (0..examples.len())
         .filter(|&i| is_dev_story(&examples[i].story))
@@ -526,6 +499,7 @@ pub(crate) fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Var;
 
     fn features(per_text: &[Vec<[f32; 2]>]) -> SentenceFeatures {
         let mut rows = Vec::new();

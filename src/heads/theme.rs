@@ -192,6 +192,18 @@ impl Aggregation {
     }
 }
 
+/// Article probabilities by [`Aggregation::Sentences`] from its sentences' logits (one row of
+/// `labels` per sentence): per theme, the sigmoid of their smooth maximum; zeros when there
+/// are no sentences.
+pub fn sentence_article_probabilities(sentence_logits: &[Vec<f32>], labels: usize) -> Vec<f32> {
+    (0..labels)
+        .map(|k| {
+            log_mean_exp(sentence_logits.iter().map(|r| r[k]), SENTENCE_SHARPNESS)
+                .map_or(0.0, sigmoid)
+        })
+        .collect()
+}
+
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
@@ -643,11 +655,7 @@ impl ThemeHead {
         device: &Device,
     ) -> Result<Vec<f32>> {
         let logits = self.logits(sentence_rows, input_size, device)?;
-        Ok((0..self.labels)
-            .map(|k| {
-                log_mean_exp(logits.iter().map(|r| r[k]), SENTENCE_SHARPNESS).map_or(0.0, sigmoid)
-            })
-            .collect())
+        Ok(sentence_article_probabilities(&logits, self.labels))
     }
 }
 
