@@ -25,7 +25,7 @@ use crate::entities::{group_entities, repair_bio, Entity, EntityGroup, Tag};
 use crate::error::Result;
 use crate::heads::neighbours::{article_vote, NeighbourIndex};
 use crate::heads::ner::{NerCard, NerHead, NER_HEAD_CARD};
-use crate::heads::theme::{mean_row, Aggregation};
+use crate::heads::theme::{mean_row, sentence_article_probabilities, Aggregation};
 use crate::heads::{Pooling, ThemeCard, ThemeHead};
 use crate::text::{owning_window, sentence_spans, Span, TokenizedText};
 use crate::themes::{Evidence, Theme, ThemeScore};
@@ -548,12 +548,21 @@ impl Analyzer {
         let offset = range.start;
         let whole = range.len() == text.len();
         let piece = &text[range];
-        // Every window's pooled states, once per distinct pooling of the sets; the article's
-        // scores come from them by each card's rule.
+        // Every window's pooled states, once per distinct pooling that a set scoring windows
+        // reads (empty for the others); the article's scores come from them by each card's
+        // rule.
         let window_rows: Vec<Vec<f32>> = self
             .poolings
             .iter()
-            .map(|pooling| {
+            .enumerate()
+            .map(|(i, pooling)| {
+                let reads_windows = self
+                    .sets
+                    .iter()
+                    .any(|s| s.pooled == i && s.card.aggregation != Aggregation::Sentences);
+                if !reads_windows {
+                    return Vec::new();
+                }
                 let mut rows = Vec::with_capacity(states.windows.len() * pooling.output_size(h));
                 for w in &states.windows {
                     pooling.pool(
@@ -566,28 +575,20 @@ impl Analyzer {
                 rows
             })
             .collect();
-        // Sentences (and, for the poolings that sentence-scoring sets read, their pooled rows):
-        // made once, read by the article scores and the evidence; not at all for window heads
-        // when nothing is reported.
-        let reads_sentences = |i: usize| {
-            self.sets
-                .iter()
-                .any(|s| s.pooled == i && s.card.aggregation == Aggregation::Sentences)
-        };
-        let mut sentences = (0..self.poolings.len())
-            .any(reads_sentences)
-            .then(|| PieceSentences::of(piece, states));
-        let sentence_rows: Vec<Vec<f32>> = self
-            .poolings
+        // Sentences, and the sentence logits of every set that scores sentences: made once,
+        // read by the article scores and the evidence; not at all for window heads when
+        // nothing is reported.
+        let mut sentences = self
+            .sets
             .iter()
-            .enumerate()
-            .map(|(i, &pooling)| match (&sentences, reads_sentences(i)) {
-                (Some(sentences), true) => sentences.pooled_rows(states, pooling, h),
-                _ => Vec::new(),
-            })
-            .collect();
+            .any(|s| s.card.aggregation == Aggregation::Sentences)
+            .then(|| PieceSentences::of(piece, states));
+        let sentence_logits = match &sentences {
+            Some(sentences) => self.sentence_logits(sentences, states)?,
+            None => vec![Vec::new(); self.sets.len()],
+        };
         let (whole_probs, evidence_for) = if whole {
-            let probs = self.article_probs(&window_rows, &sentence_rows)?;
+            let probs = self.article_probs(&window_rows, &sentence_logits)?;
             let labels = self.labels(&probs);
             (Some(probs), labels)
         } else {
@@ -597,7 +598,7 @@ impl Analyzer {
             Vec::new()
         } else {
             let sentences = sentences.get_or_insert_with(|| PieceSentences::of(piece, states));
-            self.evidence(sentences, states, &sentence_rows, &evidence_for)?
+            self.evidence(sentences, states, &sentence_logits, &evidence_for)?
         };
         let mut entities = self.entities_from_states(piece, states)?;
         for e in &mut evidence {
@@ -610,7 +611,7 @@ impl Analyzer {
         }
         Ok(Partial {
             window_rows,
-            sentence_rows,
+            sentence_logits,
             whole_probs,
             evidence,
             entities,
@@ -619,18 +620,43 @@ impl Analyzer {
         })
     }
 
-    /// Calibrated article scores of every theme, from the pooled rows of all its windows and
-    /// sentences (per pooling, row-major), by each card's [`Aggregation`].
+    /// Calibrated article scores of every theme, from the pooled rows of all its windows (per
+    /// pooling, row-major) and the sentence logits of all its sentences (per set), by each
+    /// card's [`Aggregation`].
     fn article_probs(
         &self,
         window_rows: &[Vec<f32>],
-        sentence_rows: &[Vec<f32>],
+        sentence_logits: &[Vec<Vec<f32>>],
     ) -> Result<Vec<f32>> {
         let mut probs = Vec::with_capacity(self.themes.len());
-        for set in &self.sets {
-            probs.extend(set.article_probs(&window_rows[set.pooled], &sentence_rows[set.pooled])?);
+        for (set, logits) in self.sets.iter().zip(sentence_logits) {
+            probs.extend(set.article_probs(&window_rows[set.pooled], logits)?);
         }
         Ok(probs)
+    }
+
+    /// Every sentence's logits (the members' mean, before calibration), per set: for the sets
+    /// that score sentences ([`Aggregation::Sentences`]); empty for the others. Each pooling's
+    /// rows are made once and dropped here: the logits are all that the article score and
+    /// the evidence read, and all that a long article's segments carry to the merge.
+    fn sentence_logits(
+        &self,
+        sentences: &PieceSentences,
+        states: &TextStates,
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        let h = self.embedder.hidden_size();
+        let mut rows: Vec<Option<Vec<f32>>> = vec![None; self.poolings.len()];
+        let mut logits = Vec::with_capacity(self.sets.len());
+        for set in &self.sets {
+            if set.card.aggregation != Aggregation::Sentences {
+                logits.push(Vec::new());
+                continue;
+            }
+            let rows = rows[set.pooled]
+                .get_or_insert_with(|| sentences.pooled_rows(states, self.poolings[set.pooled], h));
+            logits.push(set.head.logits(rows, set.card.input_size, &Device::Cpu)?);
+        }
+        Ok(logits)
     }
 
     /// The themes whose score reaches their set's threshold.
@@ -651,18 +677,22 @@ impl Analyzer {
             [one] if one.whole_probs.is_some() => one.whole_probs.take().expect("checked"),
             _ => {
                 // A long article's windows and sentences are all its segments' together.
-                let joined = |of: fn(&Partial) -> &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
-                    (0..self.poolings.len())
-                        .map(|i| {
-                            partials
-                                .iter()
-                                .flat_map(|p| of(p)[i].iter().copied())
-                                .collect()
-                        })
-                        .collect()
-                };
-                let windows = joined(|p| &p.window_rows);
-                let sentences = joined(|p| &p.sentence_rows);
+                let windows: Vec<Vec<f32>> = (0..self.poolings.len())
+                    .map(|i| {
+                        partials
+                            .iter()
+                            .flat_map(|p| p.window_rows[i].iter().copied())
+                            .collect()
+                    })
+                    .collect();
+                let sentences: Vec<Vec<Vec<f32>>> = (0..self.sets.len())
+                    .map(|s| {
+                        partials
+                            .iter()
+                            .flat_map(|p| p.sentence_logits[s].iter().cloned())
+                            .collect()
+                    })
+                    .collect();
                 self.article_probs(&windows, &sentences)?
             }
         };
@@ -799,43 +829,44 @@ impl Analyzer {
             .collect())
     }
 
-    /// Scores every sentence alone and keeps the best ones for each label. `sentence_rows`
-    /// holds the rows already pooled for the article scores (per pooling; empty: not made).
+    /// Scores every sentence alone and keeps the best ones for each label. `sentence_logits`
+    /// holds the logits already made for the article scores (per set; empty: not made).
     fn evidence(
         &self,
         sentences: &PieceSentences,
         states: &TextStates,
-        sentence_rows: &[Vec<f32>],
+        sentence_logits: &[Vec<Vec<f32>>],
         labels: &[Theme],
     ) -> Result<Vec<Evidence>> {
         let h = self.embedder.hidden_size();
         // Each set that has one of the labels scores every sentence once, from rows pooled
-        // once per pooling.
+        // once per pooling; a set that scores sentences for the article score has its logits
+        // already.
         let mut pooled_rows: Vec<Option<Vec<f32>>> = vec![None; self.poolings.len()];
-        let mut set_probs: Vec<Option<Vec<Vec<f32>>>> = vec![None; self.sets.len()];
+        let mut made_logits: Vec<Option<Vec<Vec<f32>>>> = vec![None; self.sets.len()];
         let mut evidence = Vec::new();
         for theme in labels {
             let Some((s, k)) = self.locate(theme) else {
                 continue;
             };
             let set = &self.sets[s];
-            if pooled_rows[set.pooled].is_none() && sentence_rows[set.pooled].is_empty() {
-                let pooling = self.poolings[set.pooled];
-                pooled_rows[set.pooled] = Some(sentences.pooled_rows(states, pooling, h));
-            }
-            if set_probs[s].is_none() {
-                let rows = pooled_rows[set.pooled]
-                    .as_ref()
-                    .unwrap_or(&sentence_rows[set.pooled]);
-                let width = set.card.input_size;
-                set_probs[s] = Some(set.head.probabilities(rows, width, &Device::Cpu)?);
-            }
-            let probs = set_probs[s].as_ref().expect("computed above");
+            let logits = if sentence_logits[s].is_empty() {
+                if made_logits[s].is_none() {
+                    let rows = pooled_rows[set.pooled].get_or_insert_with(|| {
+                        sentences.pooled_rows(states, self.poolings[set.pooled], h)
+                    });
+                    let width = set.card.input_size;
+                    made_logits[s] = Some(set.head.logits(rows, width, &Device::Cpu)?);
+                }
+                made_logits[s].as_ref().expect("made above")
+            } else {
+                &sentence_logits[s]
+            };
             let mut scored: Vec<(Span, f32)> = sentences
                 .spans
                 .iter()
-                .zip(probs)
-                .map(|(&span, p)| (span, p[k]))
+                .zip(logits)
+                .map(|(&span, l)| (span, 1.0 / (1.0 + (-l[k]).exp())))
                 .collect();
             scored.sort_by(|a, b| b.1.total_cmp(&a.1));
             evidence.extend(scored.into_iter().take(self.evidence_per_theme).map(
@@ -872,15 +903,14 @@ struct ThemeSet {
 }
 
 impl ThemeSet {
-    /// Calibrated article scores of the set's themes from the pooled rows of an article's
-    /// windows or sentences (row-major, `card.input_size` wide), by the card's
-    /// [`Aggregation`].
-    fn article_probs(&self, window_rows: &[f32], sentence_rows: &[f32]) -> Result<Vec<f32>> {
+    /// Calibrated article scores of the set's themes, by the card's [`Aggregation`]: from the
+    /// pooled rows of an article's windows (row-major, `card.input_size` wide) or from its
+    /// sentences' logits.
+    fn article_probs(&self, window_rows: &[f32], sentence_logits: &[Vec<f32>]) -> Result<Vec<f32>> {
         let width = self.card.input_size;
         let raw = match self.card.aggregation {
             Aggregation::Sentences => {
-                self.head
-                    .sentence_article_probabilities(sentence_rows, width, &Device::Cpu)?
+                sentence_article_probabilities(sentence_logits, self.card.labels.len())
             }
             Aggregation::MeanVector => {
                 let mean = mean_row(window_rows, width);
@@ -1067,11 +1097,11 @@ impl PreparedArticles {
 
 /// What one segment of an article contributes.
 struct Partial {
-    /// Pooled states of each window, row-major, per distinct pooling of the sets.
+    /// Pooled states of each window, row-major, per distinct pooling of the sets (empty for a
+    /// pooling that only sets scoring sentences read).
     window_rows: Vec<Vec<f32>>,
-    /// Pooled states of each sentence, row-major, per distinct pooling of the sets (empty for
-    /// a pooling that no sentence-scoring set reads).
-    sentence_rows: Vec<Vec<f32>>,
+    /// Each sentence's logits, per set (empty for a set that scores windows).
+    sentence_logits: Vec<Vec<Vec<f32>>>,
     /// The article's scores (every theme) when the piece is the whole article.
     whole_probs: Option<Vec<f32>>,
     evidence: Vec<Evidence>,

@@ -452,8 +452,9 @@ fn neighbour_vote_from_the_card_reaches_the_scores() {
 }
 
 /// A card naming the sentence rule makes the article's scores the smooth maximum of its
-/// sentences' (the rows `pooled_sentences` gives training), and the evidence the head's
-/// sentence scores; a sentence head with a neighbour vote is refused.
+/// sentences' (the rows `pooled_sentences` gives training), a long article's over all its
+/// segments' sentences, and the evidence the head's sentence scores; a sentence head with a
+/// neighbour vote is refused.
 #[test]
 fn sentence_rule_from_the_card_scores_the_sentences() {
     use themescan::heads::theme::{log_mean_exp, SENTENCE_SHARPNESS};
@@ -505,6 +506,54 @@ fn sentence_rule_from_the_card_scores_the_sentences() {
         assert!(spans
             .iter()
             .any(|s| s.start == first.start && s.end == first.end));
+    }
+
+    // A long article, cut into segments that are encoded apart: its score is the smooth
+    // maximum over every segment's sentences together, and its evidence points into the
+    // whole text.
+    let long: String = texts()
+        .iter()
+        .take(12)
+        .map(|t| t.text.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let segmented = Analyzer::builder()
+        .model(ModelSource::Folder(default_model_folder()))
+        .heads(dir.path())
+        .threads(2)
+        .segment_bytes(1024)
+        .build()
+        .unwrap();
+    let analysis = segmented
+        .analyze(&Article::new("long", long.clone()))
+        .unwrap();
+    let segments = themescan::segment_text(&long, 1024);
+    assert!(segments.len() > 2, "the long text is cut into segments");
+    let mut logits = Vec::new();
+    for range in &segments {
+        let piece = &long[range.clone()];
+        let states = segmented.embedder().token_states(&[piece]).unwrap();
+        let (_, rows) = themescan::pooled_sentences(piece, &states[0], card.pooling);
+        logits.extend(
+            head.logits(&rows, card.input_size, &themescan::Device::Cpu)
+                .unwrap(),
+        );
+    }
+    for (k, score) in analysis.themes.iter().enumerate() {
+        let z = log_mean_exp(logits.iter().map(|l| l[k]), SENTENCE_SHARPNESS).unwrap();
+        let expect = 1.0 / (1.0 + (-z).exp());
+        assert!(
+            (score.score - expect).abs() < 1e-4,
+            "long article: {score:?} against {expect}"
+        );
+        let first = analysis
+            .evidence
+            .iter()
+            .find(|e| e.theme == score.theme)
+            .expect("evidence for a label");
+        let best = logits.iter().map(|l| l[k]).fold(f32::MIN, f32::max);
+        assert!((first.score - 1.0 / (1.0 + (-best).exp())).abs() < 1e-4);
+        assert!(long.is_char_boundary(first.start) && first.end <= long.len());
     }
 
     let dir = heads_with_theme_card(|card| {
