@@ -232,6 +232,15 @@ struct Args {
     /// `--aggregation sentences`: learning rate (AdamW; `--weight-decay` applies).
     #[arg(long, default_value_t = 1e-3)]
     sentence_lr: f64,
+    /// `--aggregation sentences`: sentence annotations (`training-data/themes-sentences/
+    /// drawing-in.jsonl`: the sentences of recruitment texts that report someone drawing people
+    /// in). Their training-split texts add a loss on each sentence's `recruitment` logit: 1 for
+    /// a marked sentence, 0 for the others.
+    #[arg(long)]
+    sentence_annotations: Option<PathBuf>,
+    /// Weight of that loss against the article loss.
+    #[arg(long, default_value_t = 1.0)]
+    sentence_annotation_weight: f32,
     /// Also train on every window of a text of several windows, under the text's labels.
     #[arg(long)]
     window_rows: bool,

@@ -8,13 +8,16 @@
 //! article's labels, so the head learns which sentences carry a theme from labels on whole
 //! texts. The MLP sees standardised rows (per-feature mean and spread of the training split's
 //! sentences), folded into its first layer when it is saved: the analyzer feeds it raw rows.
-//! Minibatches of `--sentence-batch` texts, `--sentence-epochs` passes, AdamW; then, as for
+//! With `--sentence-annotations`, the training texts whose sentences are marked (the ones
+//! that report someone drawing people in) add a loss on each sentence's `recruitment` logit,
+//! so the head is told which sentence of a recruitment text carries it, not only that one
+//! does. Minibatches of `--sentence-batch` texts, `--sentence-epochs` passes, AdamW; then, as for
 //! the window heads, Platt calibration and thresholds on 4-fold out-of-fold scores, and dev
 //! figures in the card.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 use themescan::heads::neighbours::NEIGHBOUR_INDEX;
@@ -25,6 +28,7 @@ use themescan::heads::theme::{
     THEME_HEAD_WEIGHTS,
 };
 use themescan::heads::{Pooling, ThemeCard, ThemeHead};
+use themescan::text::sentence_spans;
 use themescan::train::{
     best_threshold_within, fit_platt, is_dev_story, macro_f1, story_fold, theme_metrics,
     ThemeExample,
@@ -34,7 +38,7 @@ use themescan::{pooled_sentences, Embedder, Theme};
 use super::text_cache::TextCache;
 use super::{
     bce_with_logits, ece, features_key, flags, member_optimizer, per_theme, report_dev,
-    seeded_init, Args, Rng,
+    seeded_init, softplus, Args, Rng,
 };
 
 /// Pooled rows of every sentence of each text, row-major, with each text's first row.
@@ -103,6 +107,59 @@ fn sentence_features(
     })
 }
 
+/// The sentence marks of the training texts that `path` annotates (one JSON object a line:
+/// `id` and `drawing_in`, the marked sentences' byte spans), per text: a sentence is marked
+/// when it overlaps a marked span. Sentences are found as `pooled_sentences` finds them; a text
+/// whose sentence count differs from its cached rows is left without marks, and said.
+fn sentence_marks(
+    path: &Path,
+    examples: &[ThemeExample],
+    train: &[usize],
+    f: &SentenceFeatures,
+) -> Result<Vec<Option<Vec<bool>>>> {
+    #[derive(serde::Deserialize)]
+    struct Annotated {
+        id: String,
+        drawing_in: Vec<(usize, usize)>,
+    }
+    let raw = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the sentence annotations {}", path.display()))?;
+    let mut spans = std::collections::HashMap::new();
+    for (n, line) in raw
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let a: Annotated = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}", path.display(), n + 1))?;
+        spans.insert(a.id, a.drawing_in);
+    }
+    let mut marks = vec![None; examples.len()];
+    let (mut used, mut skipped) = (0, 0);
+    for &i in train {
+        let Some(marked) = spans.get(&examples[i].id) else {
+            continue;
+        };
+        let sentences = sentence_spans(&examples[i].text);
+        if sentences.len() != f.count(i) {
+            skipped += 1;
+            continue;
+        }
+        marks[i] = Some(
+            sentences
+                .iter()
+                .map(|s| marked.iter().any(|&(a, b)| s.start < b && a < s.end))
+                .collect(),
+        );
+        used += 1;
+    }
+    eprintln!(
+        "sentence annotations: {used} training texts used, {skipped} skipped (sentences differ), {} annotated in all",
+        spans.len()
+    );
+    Ok(marks)
+}
+
 /// Per-feature mean and spread of the rows of `texts`.
 fn standardisation(f: &SentenceFeatures, texts: &[usize]) -> (Vec<f32>, Vec<f32>) {
     let w = f.width;
@@ -136,10 +193,18 @@ struct Batch {
     counts: Tensor,
     /// Per row, its text's position in the batch.
     owner: Vec<usize>,
+    /// `[rows, 1]` targets and weights of the sentence-annotation loss (weight 0 for the rows
+    /// of texts without annotations); `None` when no text in the batch has any.
+    marks: Option<(Tensor, Tensor)>,
 }
 
 impl Batch {
-    fn new(f: &SentenceFeatures, texts: &[usize], mean: &[f32], spread: &[f32]) -> Result<Batch> {
+    fn new(
+        f: &SentenceFeatures,
+        texts: &[usize],
+        (mean, spread): (&[f32], &[f32]),
+        marks: &[Option<Vec<bool>>],
+    ) -> Result<Batch> {
         let w = f.width;
         let rows: usize = texts.iter().map(|&i| f.count(i)).sum();
         let mut x = Vec::with_capacity(rows * w);
@@ -160,11 +225,38 @@ impl Batch {
             membership[b * rows + r] = 1.0;
         }
         let counts: Vec<f32> = texts.iter().map(|&i| f.count(i).max(1) as f32).collect();
+        // Each annotated text's sentences share one unit of weight, as each text's article
+        // loss does; the batch's mean is taken over its texts.
+        let marks = texts
+            .iter()
+            .any(|&i| marks.get(i).is_some_and(Option::is_some))
+            .then(|| -> Result<(Tensor, Tensor)> {
+                let (mut target, mut weight) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+                for &i in texts {
+                    match marks.get(i).and_then(Option::as_ref) {
+                        Some(m) => {
+                            let share = 1.0 / (m.len().max(1) * texts.len()) as f32;
+                            target.extend(m.iter().map(|&b| b as u8 as f32));
+                            weight.extend(std::iter::repeat_n(share, m.len()));
+                        }
+                        None => {
+                            target.extend(std::iter::repeat_n(0.0, f.count(i)));
+                            weight.extend(std::iter::repeat_n(0.0, f.count(i)));
+                        }
+                    }
+                }
+                Ok((
+                    Tensor::from_vec(target, (rows, 1), &Device::Cpu)?,
+                    Tensor::from_vec(weight, (rows, 1), &Device::Cpu)?,
+                ))
+            })
+            .transpose()?;
         Ok(Batch {
             x: Tensor::from_vec(x, (rows, w), &Device::Cpu)?,
             membership: Tensor::from_vec(membership, (texts.len(), rows), &Device::Cpu)?,
             counts: Tensor::from_vec(counts, (texts.len(), 1), &Device::Cpu)?,
             owner,
+            marks,
         })
     }
 }
@@ -212,18 +304,24 @@ pub(crate) struct SentenceSettings {
     pub lr: f64,
     pub weight_decay: f64,
     pub seed: u64,
+    /// Weight of the sentence-annotation loss (on the texts that have marks).
+    pub mark_weight: f32,
+    /// Column of the theme the marks are for.
+    pub mark_theme: usize,
 }
 
-/// Trains an ensemble on the texts `fit` (their labels `gold`, loss weights `weights`, both
-/// indexed by text); member `i` sees its own seeded 85% sample of the texts, in a new seeded
+/// Trains an ensemble on the texts `fit` (their labels `gold`, loss weights `weights` and
+/// sentence marks `marks`, all indexed by text; a text without marks has `None`, and `marks`
+/// may be empty); member `i` sees its own seeded 85% sample of the texts, in a new seeded
 /// order every epoch.
 #[allow(clippy::too_many_arguments)]
 fn fit_sentence_head(
     f: &SentenceFeatures,
-    (mean, spread): (&[f32], &[f32]),
+    scale: (&[f32], &[f32]),
     fit: &[usize],
     gold: &[Vec<bool>],
     weights: &[f32],
+    marks: &[Option<Vec<bool>>],
     s: &SentenceSettings,
     verbose: bool,
 ) -> Result<(VarMap, ThemeHead)> {
@@ -250,8 +348,9 @@ fn fit_sentence_head(
                 texts.swap(k, j);
             }
             for chunk in texts.chunks(s.batch.max(1)) {
-                let batch = Batch::new(f, chunk, mean, spread)?;
-                let logits = pooled_logits(&member.forward(&batch.x)?, &batch)?;
+                let batch = Batch::new(f, chunk, scale, marks)?;
+                let sentence_logits = member.forward(&batch.x)?;
+                let logits = pooled_logits(&sentence_logits, &batch)?;
                 let y: Vec<f32> = chunk
                     .iter()
                     .flat_map(|&t| gold[t].iter().map(|&g| g as u8 as f32))
@@ -259,7 +358,13 @@ fn fit_sentence_head(
                 let w: Vec<f32> = chunk.iter().map(|&t| weights[t]).collect();
                 let y = Tensor::from_vec(y, (chunk.len(), themes), &Device::Cpu)?;
                 let w = Tensor::from_vec(w, (chunk.len(), 1), &Device::Cpu)?;
-                let loss = bce_with_logits(&logits, &y, &w)?;
+                let mut loss = bce_with_logits(&logits, &y, &w)?;
+                if let Some((target, weight)) = &batch.marks {
+                    let l = sentence_logits.narrow(1, s.mark_theme, 1)?;
+                    let per_row = (softplus(&l)? - (&l * target)?)?;
+                    let marked = (per_row * weight)?.sum_all()?;
+                    loss = (loss + (marked * s.mark_weight as f64)?)?;
+                }
                 opt.backward_step(&loss)?;
                 last_loss = loss.to_scalar::<f32>()?;
             }
@@ -280,12 +385,12 @@ fn fit_sentence_head(
 fn article_probs(
     head: &ThemeHead,
     f: &SentenceFeatures,
-    (mean, spread): (&[f32], &[f32]),
+    scale: (&[f32], &[f32]),
     texts: &[usize],
 ) -> Result<Vec<Vec<f32>>> {
     let mut out = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(256) {
-        let batch = Batch::new(f, chunk, mean, spread)?;
+        let batch = Batch::new(f, chunk, scale, &[])?;
         let logits: Vec<Vec<f32>> = head.forward(&batch.x)?.to_vec2()?;
         // A text's sentences are consecutive rows of the batch.
         let mut start = 0;
@@ -387,6 +492,10 @@ pub(crate) fn run(
         dev.len(),
         f.starts.last().copied().unwrap_or(0)
     );
+    let marks = match &args.sentence_annotations {
+        Some(path) => sentence_marks(path, examples, &train, &f)?,
+        None => Vec::new(),
+    };
     let (mean, spread) = standardisation(&f, &train);
     let scale = (mean.as_slice(), spread.as_slice());
     let settings = SentenceSettings {
@@ -397,6 +506,11 @@ pub(crate) fn run(
         lr: args.sentence_lr,
         weight_decay: args.weight_decay,
         seed: args.seed,
+        mark_weight: args.sentence_annotation_weight,
+        mark_theme: labels
+            .iter()
+            .position(|t| t.as_str() == "recruitment")
+            .expect("a built-in theme"),
     };
 
     // Calibration and thresholds on out-of-fold scores inside the training split.
@@ -407,8 +521,9 @@ pub(crate) fn run(
             (0..train.len()).partition(|&r| story_fold(&examples[train[r]].story, FOLDS) != fold);
         let fit_texts: Vec<usize> = fit.iter().map(|&r| train[r]).collect();
         let held_texts: Vec<usize> = held.iter().map(|&r| train[r]).collect();
-        let (_, head) =
-            fit_sentence_head(&f, scale, &fit_texts, &gold_all, &weights, &settings, false)?;
+        let (_, head) = fit_sentence_head(
+            &f, scale, &fit_texts, &gold_all, &weights, &marks, &settings, false,
+        )?;
         for (&r, p) in held
             .iter()
             .zip(article_probs(&head, &f, scale, &held_texts)?)
@@ -440,8 +555,9 @@ pub(crate) fn run(
         ece(&calibrated, &train_gold)
     );
 
-    let (mut varmap, head) =
-        fit_sentence_head(&f, scale, &train, &gold_all, &weights, &settings, true)?;
+    let (mut varmap, head) = fit_sentence_head(
+        &f, scale, &train, &gold_all, &weights, &marks, &settings, true,
+    )?;
     let dev_probs: Vec<Vec<f32>> = article_probs(&head, &f, scale, &dev)?
         .iter()
         .map(calibrate)
@@ -520,7 +636,7 @@ mod tests {
     #[test]
     fn pooled_logits_match_the_analyzers_smooth_maximum_and_follow_the_best_sentence() {
         let f = features(&[vec![[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]], vec![[2.0, 0.0]]]);
-        let batch = Batch::new(&f, &[0, 1], &[0.0, 0.0], &[1.0, 1.0]).unwrap();
+        let batch = Batch::new(&f, &[0, 1], (&[0.0, 0.0], &[1.0, 1.0]), &[]).unwrap();
         // Sentence logits: two themes, the first from the row's first feature times 3.
         let l = Tensor::from_vec(
             vec![0f32, -1.0, 3.0, -1.0, 0.0, -1.0, 6.0, 2.0],
@@ -557,6 +673,65 @@ mod tests {
     }
 
     #[test]
+    fn sentence_marks_say_which_of_two_companions_carries_the_label() {
+        // Every positive holds one sentence near (1, 0) and one near (0, 1); negatives hold
+        // neither. The article labels cannot tell the two apart (the head picks one by
+        // chance); marks on one kind, in half the positives, decide which scores higher.
+        let mut texts = Vec::new();
+        let mut gold = Vec::new();
+        let mut rng = Rng(11);
+        let mut noise = || (rng.next_f32() - 0.5) * 0.2;
+        for t in 0..60 {
+            let positive = t % 2 == 0;
+            let mut rows = vec![[noise(), noise()], [noise(), noise()]];
+            if positive {
+                rows.push([1.0 + noise(), noise()]);
+                rows.push([noise(), 1.0 + noise()]);
+            }
+            texts.push(rows);
+            gold.push(vec![positive]);
+        }
+        let marks_on = |row: usize| -> Vec<Option<Vec<bool>>> {
+            (0..60)
+                .map(|t| (t % 4 == 0).then(|| (0..4).map(|r| r == row).collect()))
+                .collect()
+        };
+        let f = features(&texts);
+        let all: Vec<usize> = (0..60).collect();
+        let (mean, spread) = standardisation(&f, &all);
+        let scale = (mean.as_slice(), spread.as_slice());
+        let s = SentenceSettings {
+            members: 1,
+            hidden: 8,
+            epochs: 60,
+            batch: 8,
+            lr: 1e-2,
+            weight_decay: 0.0,
+            seed: 5,
+            mark_weight: 1.0,
+            mark_theme: 0,
+        };
+        // The (1, 0) sentence's logit minus the (0, 1) sentence's, in the first positive.
+        let gap = |marks: &[Option<Vec<bool>>]| {
+            let (_, head) =
+                fit_sentence_head(&f, scale, &all, &gold, &vec![1.0; 60], marks, &s, false)
+                    .unwrap();
+            let batch = Batch::new(&f, &[0], scale, &[]).unwrap();
+            let l: Vec<Vec<f32>> = head.forward(&batch.x).unwrap().to_vec2().unwrap();
+            l[2][0] - l[3][0]
+        };
+        let (first, second) = (gap(&marks_on(2)), gap(&marks_on(3)));
+        assert!(
+            first > 2.0,
+            "marks on (1, 0): it scores above (0, 1) by {first}"
+        );
+        assert!(
+            second < -2.0,
+            "marks on (0, 1): (1, 0) scores above it by {second}"
+        );
+    }
+
+    #[test]
     fn a_head_learns_an_article_label_carried_by_one_sentence() {
         // Positives: one sentence near (1, 1) among sentences near the origin; negatives: only
         // sentences near the origin, some of them as many as a positive has.
@@ -585,10 +760,12 @@ mod tests {
             lr: 1e-2,
             weight_decay: 0.0,
             seed: 5,
+            mark_weight: 0.0,
+            mark_theme: 0,
         };
         let scale = (mean.as_slice(), spread.as_slice());
         let (mut varmap, head) =
-            fit_sentence_head(&f, scale, &all, &gold, &vec![1.0; 60], &s, false).unwrap();
+            fit_sentence_head(&f, scale, &all, &gold, &vec![1.0; 60], &[], &s, false).unwrap();
         let probs = article_probs(&head, &f, scale, &all).unwrap();
         let right = probs
             .iter()
