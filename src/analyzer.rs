@@ -25,7 +25,7 @@ use crate::entities::{group_entities, repair_bio, Entity, EntityGroup, Tag};
 use crate::error::Result;
 use crate::heads::neighbours::{article_vote, NeighbourIndex};
 use crate::heads::ner::{NerCard, NerHead, NER_HEAD_CARD};
-use crate::heads::theme::{mean_row, sentence_article_probabilities, Aggregation};
+use crate::heads::theme::{mean_row, sentence_article_probabilities, sigmoid, Aggregation};
 use crate::heads::{Pooling, ThemeCard, ThemeHead};
 use crate::text::{owning_window, sentence_spans, Span, TokenizedText};
 use crate::themes::{Evidence, Theme, ThemeScore};
@@ -644,19 +644,32 @@ impl Analyzer {
         sentences: &PieceSentences,
         states: &TextStates,
     ) -> Result<Vec<Vec<Vec<f32>>>> {
-        let h = self.embedder.hidden_size();
         let mut rows: Vec<Option<Vec<f32>>> = vec![None; self.poolings.len()];
         let mut logits = Vec::with_capacity(self.sets.len());
         for set in &self.sets {
-            if set.card.aggregation != Aggregation::Sentences {
-                logits.push(Vec::new());
-                continue;
-            }
-            let rows = rows[set.pooled]
-                .get_or_insert_with(|| sentences.pooled_rows(states, self.poolings[set.pooled], h));
-            logits.push(set.head.logits(rows, set.card.input_size, &Device::Cpu)?);
+            logits.push(match set.card.aggregation {
+                Aggregation::Sentences => {
+                    self.score_sentences(set, sentences, states, &mut rows)?
+                }
+                _ => Vec::new(),
+            });
         }
         Ok(logits)
+    }
+
+    /// `set`'s logits for every sentence of the piece, from its pooling's sentence rows,
+    /// pooled here unless `rows` (per pooling) already holds them.
+    fn score_sentences(
+        &self,
+        set: &ThemeSet,
+        sentences: &PieceSentences,
+        states: &TextStates,
+        rows: &mut [Option<Vec<f32>>],
+    ) -> Result<Vec<Vec<f32>>> {
+        let h = self.embedder.hidden_size();
+        let rows = rows[set.pooled]
+            .get_or_insert_with(|| sentences.pooled_rows(states, self.poolings[set.pooled], h));
+        set.head.logits(rows, set.card.input_size, &Device::Cpu)
     }
 
     /// The themes whose score reaches their set's threshold.
@@ -838,7 +851,6 @@ impl Analyzer {
         sentence_logits: &[Vec<Vec<f32>>],
         labels: &[Theme],
     ) -> Result<Vec<Evidence>> {
-        let h = self.embedder.hidden_size();
         // Each set that has one of the labels scores every sentence once, from rows pooled
         // once per pooling; a set that scores sentences for the article score has its logits
         // already.
@@ -852,11 +864,8 @@ impl Analyzer {
             let set = &self.sets[s];
             let logits = if sentence_logits[s].is_empty() {
                 if made_logits[s].is_none() {
-                    let rows = pooled_rows[set.pooled].get_or_insert_with(|| {
-                        sentences.pooled_rows(states, self.poolings[set.pooled], h)
-                    });
-                    let width = set.card.input_size;
-                    made_logits[s] = Some(set.head.logits(rows, width, &Device::Cpu)?);
+                    made_logits[s] =
+                        Some(self.score_sentences(set, sentences, states, &mut pooled_rows)?);
                 }
                 made_logits[s].as_ref().expect("made above")
             } else {
@@ -866,7 +875,7 @@ impl Analyzer {
                 .spans
                 .iter()
                 .zip(logits)
-                .map(|(&span, l)| (span, 1.0 / (1.0 + (-l[k]).exp())))
+                .map(|(&span, l)| (span, sigmoid(l[k])))
                 .collect();
             scored.sort_by(|a, b| b.1.total_cmp(&a.1));
             evidence.extend(scored.into_iter().take(self.evidence_per_theme).map(

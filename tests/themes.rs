@@ -451,6 +451,16 @@ fn neighbour_vote_from_the_card_reaches_the_scores() {
     );
 }
 
+/// The first `n` test texts as one article, a line apart.
+fn first_texts_joined(n: usize) -> String {
+    texts()
+        .iter()
+        .take(n)
+        .map(|t| t.text.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// A card naming the sentence rule makes the article's scores the smooth maximum of its
 /// sentences' (the rows `pooled_sentences` gives training), a long article's over all its
 /// segments' sentences, and the evidence the head's sentence scores; a sentence head with a
@@ -459,12 +469,7 @@ fn neighbour_vote_from_the_card_reaches_the_scores() {
 fn sentence_rule_from_the_card_scores_the_sentences() {
     use themescan::heads::theme::{log_mean_exp, SENTENCE_SHARPNESS};
     use themescan::heads::ThemeHead;
-    let text: String = texts()
-        .iter()
-        .take(4)
-        .map(|t| t.text.as_str())
-        .collect::<Vec<_>>()
-        .join("\n");
+    let text = first_texts_joined(4);
     let dir = heads_with_theme_card(|card| {
         card["calibration"] = serde_json::json!([]);
         card["neighbours"] = serde_json::Value::Null;
@@ -511,12 +516,7 @@ fn sentence_rule_from_the_card_scores_the_sentences() {
     // A long article, cut into segments that are encoded apart: its score is the smooth
     // maximum over every segment's sentences together, and its evidence points into the
     // whole text.
-    let long: String = texts()
-        .iter()
-        .take(12)
-        .map(|t| t.text.as_str())
-        .collect::<Vec<_>>()
-        .join("\n");
+    let long = first_texts_joined(12);
     let segmented = Analyzer::builder()
         .model(ModelSource::Folder(default_model_folder()))
         .heads(dir.path())

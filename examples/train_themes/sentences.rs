@@ -633,6 +633,21 @@ mod tests {
         }
     }
 
+    /// One small member trained long: the settings of the toy problems below.
+    fn tiny_settings(mark_weight: f32) -> SentenceSettings {
+        SentenceSettings {
+            members: 1,
+            hidden: 8,
+            epochs: 60,
+            batch: 8,
+            lr: 1e-2,
+            weight_decay: 0.0,
+            seed: 5,
+            mark_weight,
+            mark_theme: 0,
+        }
+    }
+
     #[test]
     fn pooled_logits_match_the_analyzers_smooth_maximum_and_follow_the_best_sentence() {
         let f = features(&[vec![[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]], vec![[2.0, 0.0]]]);
@@ -700,17 +715,7 @@ mod tests {
         let all: Vec<usize> = (0..60).collect();
         let (mean, spread) = standardisation(&f, &all);
         let scale = (mean.as_slice(), spread.as_slice());
-        let s = SentenceSettings {
-            members: 1,
-            hidden: 8,
-            epochs: 60,
-            batch: 8,
-            lr: 1e-2,
-            weight_decay: 0.0,
-            seed: 5,
-            mark_weight: 1.0,
-            mark_theme: 0,
-        };
+        let s = tiny_settings(1.0);
         // The (1, 0) sentence's logit minus the (0, 1) sentence's, in the first positive.
         let gap = |marks: &[Option<Vec<bool>>]| {
             let (_, head) =
@@ -752,17 +757,7 @@ mod tests {
         let f = features(&texts);
         let all: Vec<usize> = (0..60).collect();
         let (mean, spread) = standardisation(&f, &all);
-        let s = SentenceSettings {
-            members: 1,
-            hidden: 8,
-            epochs: 60,
-            batch: 8,
-            lr: 1e-2,
-            weight_decay: 0.0,
-            seed: 5,
-            mark_weight: 0.0,
-            mark_theme: 0,
-        };
+        let s = tiny_settings(0.0);
         let scale = (mean.as_slice(), spread.as_slice());
         let (mut varmap, head) =
             fit_sentence_head(&f, scale, &all, &gold, &vec![1.0; 60], &[], &s, false).unwrap();

@@ -204,7 +204,8 @@ pub fn sentence_article_probabilities(sentence_logits: &[Vec<f32>], labels: usiz
         .collect()
 }
 
-fn sigmoid(x: f32) -> f32 {
+/// The logistic function: a logit's probability.
+pub(crate) fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
