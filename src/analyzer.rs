@@ -25,7 +25,9 @@ use crate::entities::{group_entities, repair_bio, Entity, EntityGroup, Tag};
 use crate::error::Result;
 use crate::heads::neighbours::{article_vote, NeighbourIndex};
 use crate::heads::ner::{NerCard, NerHead, NER_HEAD_CARD};
-use crate::heads::theme::{mean_row, sentence_article_probabilities, sigmoid, Aggregation};
+use crate::heads::theme::{
+    join_context, mean_row, sentence_article_probabilities, sigmoid, Aggregation,
+};
 use crate::heads::{Pooling, ThemeCard, ThemeHead};
 use crate::text::{owning_window, sentence_spans, Span, TokenizedText};
 use crate::themes::{Evidence, Theme, ThemeScore};
@@ -337,14 +339,18 @@ impl AnalyzerBuilder {
             }
         }
         for ThemeSet { folder, card, .. } in &sets {
-            if card.input_size != card.pooling.output_size(embedder.hidden_size()) {
+            if card.input_size != card.expected_input_size(embedder.hidden_size()) {
                 return Err(crate::Error::Setting(format!(
-                    "the theme head in {} takes vectors of {} but {:?} pooling of the encoder's {} gives {}",
+                    "the theme head in {} takes vectors of {} but {:?} pooling of the encoder's {} gives {}{}",
                     folder.display(),
                     card.input_size,
                     card.pooling,
                     embedder.hidden_size(),
-                    card.pooling.output_size(embedder.hidden_size())
+                    card.pooling.output_size(embedder.hidden_size()),
+                    match card.sentence_context {
+                        true => ", twice that with the sentences' context",
+                        false => "",
+                    }
                 )));
             }
         }
@@ -667,8 +673,15 @@ impl Analyzer {
         rows: &mut [Option<Vec<f32>>],
     ) -> Result<Vec<Vec<f32>>> {
         let h = self.embedder.hidden_size();
-        let rows = rows[set.pooled]
-            .get_or_insert_with(|| sentences.pooled_rows(states, self.poolings[set.pooled], h));
+        let pooling = self.poolings[set.pooled];
+        let rows =
+            rows[set.pooled].get_or_insert_with(|| sentences.pooled_rows(states, pooling, h));
+        if set.card.sentence_context {
+            // The context is the piece's sentences: a whole article unless it is long enough
+            // to be read in segments.
+            let joined = join_context(rows, pooling.output_size(h));
+            return set.head.logits(&joined, set.card.input_size, &Device::Cpu);
+        }
         set.head.logits(rows, set.card.input_size, &Device::Cpu)
     }
 

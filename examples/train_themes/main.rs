@@ -241,6 +241,11 @@ struct Args {
     /// Weight of that loss against the article loss.
     #[arg(long, default_value_t = 1.0)]
     sentence_annotation_weight: f32,
+    /// `--aggregation sentences`: join each sentence's row with the mean of its text's
+    /// sentence rows, so the head scores a sentence in the light of its article
+    /// (`sentence_context` in the card).
+    #[arg(long)]
+    sentence_context: bool,
     /// Also train on every window of a text of several windows, under the text's labels.
     #[arg(long)]
     window_rows: bool,
@@ -1316,6 +1321,7 @@ fn main() -> Result<()> {
         members: args.members,
         thresholds,
         aggregation,
+        sentence_context: false,
         calibration,
         neighbours,
         encoder: match args.also_cpu_path {

@@ -24,8 +24,8 @@ use themescan::heads::neighbours::NEIGHBOUR_INDEX;
 #[cfg(test)]
 use themescan::heads::theme::log_mean_exp;
 use themescan::heads::theme::{
-    sentence_article_probabilities, Aggregation, Platt, SENTENCE_SHARPNESS, THEME_HEAD_CARD,
-    THEME_HEAD_WEIGHTS,
+    join_context, sentence_article_probabilities, Aggregation, Platt, SENTENCE_SHARPNESS,
+    THEME_HEAD_CARD, THEME_HEAD_WEIGHTS,
 };
 use themescan::heads::{Pooling, ThemeCard, ThemeHead};
 use themescan::text::sentence_spans;
@@ -56,6 +56,20 @@ impl SentenceFeatures {
 
     fn count(&self, text: usize) -> usize {
         self.starts[text + 1] - self.starts[text]
+    }
+
+    /// Every row joined by the mean of its text's rows (`--sentence-context`), as the analyzer
+    /// joins them ([`join_context`]).
+    fn with_context(self) -> SentenceFeatures {
+        let mut rows = Vec::with_capacity(self.rows.len() * 2);
+        for text in 0..self.starts.len() - 1 {
+            rows.extend(join_context(self.of(text), self.width));
+        }
+        SentenceFeatures {
+            rows,
+            starts: self.starts,
+            width: 2 * self.width,
+        }
     }
 }
 
@@ -479,7 +493,10 @@ pub(crate) fn run(
         .collect();
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
     let key = features_key(pooling, layer_mean, args.cpu_path, layers);
-    let f = sentence_features(embedder, &texts, pooling, &key)?;
+    let mut f = sentence_features(embedder, &texts, pooling, &key)?;
+    if args.sentence_context {
+        f = f.with_context();
+    }
     let dev: Vec<usize> = (0..examples.len())
         .filter(|&i| is_dev_story(&examples[i].story))
         .collect();
@@ -584,6 +601,7 @@ pub(crate) fn run(
         members: args.members,
         thresholds,
         aggregation: Aggregation::Sentences,
+        sentence_context: args.sentence_context,
         calibration,
         neighbours: None,
         encoder: format!(
@@ -776,5 +794,55 @@ mod tests {
         for (a, b) in probs.iter().zip(&raw) {
             assert!((a[0] - b[0]).abs() < 1e-4, "{a:?} against {b:?}");
         }
+    }
+
+    #[test]
+    fn context_lets_a_head_label_a_mix_of_sentences_that_neither_carries_alone() {
+        // A text of one `a` and one `b` sentence is positive; texts of `a`s alone or `b`s alone
+        // are negative. Without context no sentence head can score it: the smooth maximum of
+        // a text's sentences is at most its best sentence's logit, which an all-`a` or
+        // all-`b` text reaches too. Joined by their text's mean, the rows tell the mix apart.
+        let (a, b) = ([1.0, 0.0], [0.0, 1.0]);
+        let mut texts = Vec::new();
+        let mut gold = Vec::new();
+        for t in 0..30 {
+            let n = 2 + t % 3;
+            let (rows, positive) = match t % 3 {
+                0 => ((0..n).map(|i| if i == 0 { a } else { b }).collect(), true),
+                1 => (vec![a; n], false),
+                _ => (vec![b; n], false),
+            };
+            texts.push(rows);
+            gold.push(vec![positive]);
+        }
+        let all: Vec<usize> = (0..texts.len()).collect();
+        let right = |f: &SentenceFeatures| {
+            let (mean, spread) = standardisation(f, &all);
+            let scale = (mean.as_slice(), spread.as_slice());
+            let weights = vec![1.0; all.len()];
+            let (_, head) = fit_sentence_head(
+                f,
+                scale,
+                &all,
+                &gold,
+                &weights,
+                &[],
+                &tiny_settings(0.0),
+                false,
+            )
+            .unwrap();
+            let probs = article_probs(&head, f, scale, &all).unwrap();
+            probs
+                .iter()
+                .zip(&gold)
+                .filter(|(p, g)| (p[0] >= 0.5) == g[0])
+                .count()
+        };
+        let plain = features(&texts);
+        let joined = features(&texts).with_context();
+        assert_eq!(joined.width, 4);
+        assert_eq!(joined.of(0)[..4], [1.0, 0.0, 0.5, 0.5]);
+        assert_eq!(right(&joined), 30, "with context");
+        assert!(right(&plain) <= 20, "without context");
     }
 }

@@ -204,6 +204,24 @@ pub fn sentence_article_probabilities(sentence_logits: &[Vec<f32>], labels: usiz
         .collect()
 }
 
+/// Each row of `rows` (row-major, `width` wide) followed by the mean of all of them: the
+/// input rows of a sentence head whose card sets [`ThemeCard::sentence_context`].
+///
+/// ```
+/// use themescan::heads::theme::join_context;
+/// let joined = join_context(&[1.0, 2.0, 3.0, 6.0], 2);
+/// assert_eq!(joined, vec![1.0, 2.0, 2.0, 4.0, 3.0, 6.0, 2.0, 4.0]);
+/// ```
+pub fn join_context(rows: &[f32], width: usize) -> Vec<f32> {
+    let mean = mean_row(rows, width);
+    let mut joined = Vec::with_capacity(rows.len() * 2);
+    for row in rows.chunks_exact(width.max(1)) {
+        joined.extend_from_slice(row);
+        joined.extend_from_slice(&mean);
+    }
+    joined
+}
+
 /// The logistic function: a logit's probability.
 pub(crate) fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
@@ -317,6 +335,13 @@ pub struct ThemeCard {
     /// ([`Aggregation::Sentences`]).
     #[serde(default)]
     pub aggregation: Aggregation,
+    /// For [`Aggregation::Sentences`]: each sentence's pooled row is joined by the mean of the
+    /// rows of all the sentences read with it ([`join_context`]), so a sentence is scored in
+    /// the light of the article around it (a court report's sentence on the material members
+    /// swapped reads differently from a recruiter's pitch); `input_size` is then twice the
+    /// pooled width. `false` for heads trained before it existed.
+    #[serde(default)]
+    pub sentence_context: bool,
     /// Per-theme calibration of article scores (in `labels` order); empty: none.
     #[serde(default)]
     pub calibration: Vec<Platt>,
@@ -384,6 +409,16 @@ pub struct ThemeSetEntry {
 }
 
 impl ThemeCard {
+    /// The width of the rows the head reads, for an encoder of `hidden` units: the pooled
+    /// width, doubled for a head with [`ThemeCard::sentence_context`].
+    pub fn expected_input_size(&self, hidden: usize) -> usize {
+        let pooled = self.pooling.output_size(hidden);
+        match self.sentence_context {
+            true => 2 * pooled,
+            false => pooled,
+        }
+    }
+
     /// Calibrated article scores from raw head probabilities.
     pub fn calibrate(&self, probs: Vec<f32>) -> Vec<f32> {
         if self.calibration.is_empty() {
@@ -423,6 +458,15 @@ impl ThemeCard {
                 message: format!(
                     "pooling {:?} and layer_mean {:?} do not go together",
                     card.pooling, card.layer_mean
+                ),
+            });
+        }
+        if card.sentence_context && card.aggregation != Aggregation::Sentences {
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                message: format!(
+                    "sentence_context is for sentence heads, but aggregation is {:?}",
+                    card.aggregation
                 ),
             });
         }
@@ -648,7 +692,8 @@ impl ThemeHead {
 
     /// Article probabilities by [`Aggregation::Sentences`]: per theme, the sigmoid of the
     /// smooth maximum of the sentences' logits (`sentence_rows` row-major `[sentences,
-    /// input]`); zeros for an article without sentences.
+    /// input]`; for a card with [`ThemeCard::sentence_context`], the pooled rows passed
+    /// through [`join_context`]); zeros for an article without sentences.
     pub fn sentence_article_probabilities(
         &self,
         sentence_rows: &[f32],
@@ -662,7 +707,45 @@ impl ThemeHead {
 
 #[cfg(test)]
 mod tests {
-    use super::{mean_row, top_two_mean, Aggregation, Platt};
+    use super::{mean_row, top_two_mean, Aggregation, Platt, ThemeCard};
+
+    /// The shipped card with `edit` applied, read back through [`ThemeCard::read`].
+    fn read_edited_card(edit: impl Fn(&mut serde_json::Value)) -> crate::Result<ThemeCard> {
+        let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/models/heads/themes.json");
+        let mut card: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(shipped).unwrap()).unwrap();
+        edit(&mut card);
+        let dir = std::env::temp_dir().join(format!("themescan-card-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{}.json", content_hash(&card)));
+        std::fs::write(&path, card.to_string()).unwrap();
+        let read = ThemeCard::read(&path);
+        std::fs::remove_file(&path).unwrap();
+        read
+    }
+
+    fn content_hash(card: &serde_json::Value) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        card.to_string().hash(&mut h);
+        h.finish()
+    }
+
+    #[test]
+    fn sentence_context_doubles_the_input_and_is_only_for_sentence_heads() {
+        let plain = read_edited_card(|_| {}).unwrap();
+        assert!(!plain.sentence_context, "cards before it default to off");
+        let pooled = plain.pooling.output_size(384);
+        assert_eq!(plain.expected_input_size(384), pooled);
+        let context = read_edited_card(|c| c["sentence_context"] = true.into()).unwrap();
+        assert_eq!(context.expected_input_size(384), 2 * pooled);
+        let window = read_edited_card(|c| {
+            c["sentence_context"] = true.into();
+            c["aggregation"] = "top_two_mean".into();
+        });
+        let message = window.unwrap_err().to_string();
+        assert!(message.contains("sentence_context"), "{message}");
+    }
 
     #[test]
     fn top_two_mean_rule() {
