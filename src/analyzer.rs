@@ -348,8 +348,8 @@ impl AnalyzerBuilder {
                     embedder.hidden_size(),
                     card.pooling.output_size(embedder.hidden_size()),
                     match card.sentence_context {
-                        true => ", twice that with the sentences' context",
-                        false => "",
+                        Some(_) => ", twice that with the sentences' context",
+                        None => "",
                     }
                 )));
             }
@@ -676,10 +676,10 @@ impl Analyzer {
         let pooling = self.poolings[set.pooled];
         let rows =
             rows[set.pooled].get_or_insert_with(|| sentences.pooled_rows(states, pooling, h));
-        if set.card.sentence_context {
-            // The context is the piece's sentences: a whole article unless it is long enough
-            // to be read in segments.
-            let joined = join_context(rows, pooling.output_size(h));
+        if let Some(radius) = set.card.sentence_context {
+            // The neighbourhoods end at the piece's edges: a long article read in segments
+            // loses the few sentences across each cut, the only difference from training.
+            let joined = join_context(rows, pooling.output_size(h), radius);
             return set.head.logits(&joined, set.card.input_size, &Device::Cpu);
         }
         set.head.logits(rows, set.card.input_size, &Device::Cpu)

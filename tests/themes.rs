@@ -300,8 +300,35 @@ fn heads_with_theme_card(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile:
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&card_path).unwrap()).unwrap();
     edit(&mut json);
+    if json["aggregation"] != "sentences" && !json["sentence_context"].is_null() {
+        window_head_from_context_head(dir.path(), &mut json);
+    }
     std::fs::write(&card_path, json.to_string()).unwrap();
     dir
+}
+
+/// Makes the folder's sentence head with context (rows twice the pooled width) into one that
+/// reads the pooled rows alone, keeping its first layer's columns for the sentence part, so
+/// the tests can put any aggregation in its card: they check what the card's rules do to the
+/// scores, which any weights show.
+fn window_head_from_context_head(dir: &std::path::Path, card: &mut serde_json::Value) {
+    let pooled = card["input_size"].as_u64().unwrap() as usize / 2;
+    let first = match card["hidden_size"].as_u64().unwrap() {
+        0 => "output.weight",
+        _ => "hidden.weight",
+    };
+    let path = dir.join(themescan::heads::theme::THEME_HEAD_WEIGHTS);
+    let tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    let narrowed: std::collections::HashMap<String, candle_core::Tensor> = tensors
+        .into_iter()
+        .map(|(name, t)| match name.ends_with(first) {
+            true => (name, t.narrow(1, 0, pooled).unwrap()),
+            false => (name, t),
+        })
+        .collect();
+    candle_core::safetensors::save(&narrowed, &path).unwrap();
+    card["input_size"] = pooled.into();
+    card["sentence_context"] = serde_json::Value::Null;
 }
 
 fn analyzer_with(heads: &std::path::Path) -> themescan::Result<Analyzer> {
@@ -467,7 +494,7 @@ fn first_texts_joined(n: usize) -> String {
 /// neighbour vote is refused.
 #[test]
 fn sentence_rule_from_the_card_scores_the_sentences() {
-    use themescan::heads::theme::{log_mean_exp, SENTENCE_SHARPNESS};
+    use themescan::heads::theme::{join_context, log_mean_exp, SENTENCE_SHARPNESS};
     use themescan::heads::ThemeHead;
     let text = first_texts_joined(4);
     let dir = heads_with_theme_card(|card| {
@@ -483,6 +510,12 @@ fn sentence_rule_from_the_card_scores_the_sentences() {
     let states = analyzer.embedder().token_states(&[text.as_str()]).unwrap();
     let (spans, rows) = themescan::pooled_sentences(&text, &states[0], card.pooling);
     assert!(spans.len() > 1, "the test text has several sentences");
+    // A head with context reads each sentence's row joined by its neighbourhood's mean.
+    let head_rows = |rows: Vec<f32>, sentences: usize| match card.sentence_context {
+        Some(radius) => join_context(&rows, rows.len() / sentences.max(1), radius),
+        None => rows,
+    };
+    let rows = head_rows(rows, spans.len());
     let logits = head
         .logits(&rows, card.input_size, &themescan::Device::Cpu)
         .unwrap();
@@ -533,7 +566,8 @@ fn sentence_rule_from_the_card_scores_the_sentences() {
     for range in &segments {
         let piece = &long[range.clone()];
         let states = segmented.embedder().token_states(&[piece]).unwrap();
-        let (_, rows) = themescan::pooled_sentences(piece, &states[0], card.pooling);
+        let (spans, rows) = themescan::pooled_sentences(piece, &states[0], card.pooling);
+        let rows = head_rows(rows, spans.len());
         logits.extend(
             head.logits(&rows, card.input_size, &themescan::Device::Cpu)
                 .unwrap(),

@@ -241,11 +241,11 @@ struct Args {
     /// Weight of that loss against the article loss.
     #[arg(long, default_value_t = 1.0)]
     sentence_annotation_weight: f32,
-    /// `--aggregation sentences`: join each sentence's row with the mean of its text's
-    /// sentence rows, so the head scores a sentence in the light of its article
-    /// (`sentence_context` in the card).
-    #[arg(long)]
-    sentence_context: bool,
+    /// `--aggregation sentences`: join each sentence's row with the mean of the rows of the
+    /// sentences within R of it, so the head scores a sentence in the light of the text around
+    /// it (`sentence_context` in the card; a radius longer than any text: the whole text).
+    #[arg(long, value_name = "R")]
+    sentence_context: Option<usize>,
     /// Also train on every window of a text of several windows, under the text's labels.
     #[arg(long)]
     window_rows: bool,
@@ -1321,7 +1321,7 @@ fn main() -> Result<()> {
         members: args.members,
         thresholds,
         aggregation,
-        sentence_context: false,
+        sentence_context: None,
         calibration,
         neighbours,
         encoder: match args.also_cpu_path {

@@ -58,12 +58,12 @@ impl SentenceFeatures {
         self.starts[text + 1] - self.starts[text]
     }
 
-    /// Every row joined by the mean of its text's rows (`--sentence-context`), as the analyzer
-    /// joins them ([`join_context`]).
-    fn with_context(self) -> SentenceFeatures {
+    /// Every row joined by the mean of its text's rows within `radius` of it
+    /// (`--sentence-context`), as the analyzer joins them ([`join_context`]).
+    fn with_context(self, radius: usize) -> SentenceFeatures {
         let mut rows = Vec::with_capacity(self.rows.len() * 2);
         for text in 0..self.starts.len() - 1 {
-            rows.extend(join_context(self.of(text), self.width));
+            rows.extend(join_context(self.of(text), self.width, radius));
         }
         SentenceFeatures {
             rows,
@@ -494,8 +494,8 @@ pub(crate) fn run(
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
     let key = features_key(pooling, layer_mean, args.cpu_path, layers);
     let mut f = sentence_features(embedder, &texts, pooling, &key)?;
-    if args.sentence_context {
-        f = f.with_context();
+    if let Some(radius) = args.sentence_context {
+        f = f.with_context(radius);
     }
     let dev: Vec<usize> = (0..examples.len())
         .filter(|&i| is_dev_story(&examples[i].story))
@@ -839,7 +839,7 @@ mod tests {
                 .count()
         };
         let plain = features(&texts);
-        let joined = features(&texts).with_context();
+        let joined = features(&texts).with_context(usize::MAX);
         assert_eq!(joined.width, 4);
         assert_eq!(joined.of(0)[..4], [1.0, 0.0, 0.5, 0.5]);
         assert_eq!(right(&joined), 30, "with context");

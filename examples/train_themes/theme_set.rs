@@ -673,7 +673,7 @@ pub fn run(args: &Args, file: &Path) -> Result<()> {
         members: 1,
         thresholds,
         aggregation: Aggregation::TopTwoMean,
-        sentence_context: false,
+        sentence_context: None,
         calibration: Vec::new(),
         neighbours: None,
         encoder: format!(

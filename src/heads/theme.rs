@@ -204,20 +204,41 @@ pub fn sentence_article_probabilities(sentence_logits: &[Vec<f32>], labels: usiz
         .collect()
 }
 
-/// Each row of `rows` (row-major, `width` wide) followed by the mean of all of them: the
-/// input rows of a sentence head whose card sets [`ThemeCard::sentence_context`].
+/// Each row of `rows` (row-major, `width` wide, one per sentence in text order) followed by
+/// the mean of the rows within `radius` of it (itself included): the input rows of a sentence
+/// head whose card sets [`ThemeCard::sentence_context`]. A radius at least the number of rows
+/// joins every row with the mean of all of them.
 ///
 /// ```
 /// use themescan::heads::theme::join_context;
-/// let joined = join_context(&[1.0, 2.0, 3.0, 6.0], 2);
-/// assert_eq!(joined, vec![1.0, 2.0, 2.0, 4.0, 3.0, 6.0, 2.0, 4.0]);
+/// let rows = [1.0, 2.0, 3.0, 6.0, 5.0, 10.0];
+/// let all = join_context(&rows, 2, 9);
+/// assert_eq!(all[..4], [1.0, 2.0, 3.0, 6.0]);
+/// let near = join_context(&rows, 2, 1);
+/// // The first row's neighbourhood is rows 0 and 1; the middle row's is all three.
+/// assert_eq!(near[..4], [1.0, 2.0, 2.0, 4.0]);
+/// assert_eq!(near[4..8], [3.0, 6.0, 3.0, 6.0]);
 /// ```
-pub fn join_context(rows: &[f32], width: usize) -> Vec<f32> {
-    let mean = mean_row(rows, width);
-    let mut joined = Vec::with_capacity(rows.len() * 2);
-    for row in rows.chunks_exact(width.max(1)) {
+pub fn join_context(rows: &[f32], width: usize, radius: usize) -> Vec<f32> {
+    let width = width.max(1);
+    let n = rows.len() / width;
+    // Prefix sums per feature, so every neighbourhood's mean is one subtraction.
+    let mut prefix = vec![0f64; (n + 1) * width];
+    for (i, row) in rows.chunks_exact(width).enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            prefix[(i + 1) * width + j] = prefix[i * width + j] + v as f64;
+        }
+    }
+    let mut joined = Vec::with_capacity(n * width * 2);
+    for (i, row) in rows.chunks_exact(width).enumerate() {
+        let (lo, hi) = (
+            i.saturating_sub(radius),
+            i.saturating_add(radius).saturating_add(1).min(n),
+        );
         joined.extend_from_slice(row);
-        joined.extend_from_slice(&mean);
+        joined.extend((0..width).map(|j| {
+            ((prefix[hi * width + j] - prefix[lo * width + j]) / (hi - lo) as f64) as f32
+        }));
     }
     joined
 }
@@ -336,12 +357,13 @@ pub struct ThemeCard {
     #[serde(default)]
     pub aggregation: Aggregation,
     /// For [`Aggregation::Sentences`]: each sentence's pooled row is joined by the mean of the
-    /// rows of all the sentences read with it ([`join_context`]), so a sentence is scored in
-    /// the light of the article around it (a court report's sentence on the material members
-    /// swapped reads differently from a recruiter's pitch); `input_size` is then twice the
-    /// pooled width. `false` for heads trained before it existed.
+    /// rows of the sentences within this many sentences of it ([`join_context`]), so a
+    /// sentence is scored in the light of the text around it (a court report's sentence on the
+    /// material members swapped reads differently from a recruiter's pitch); `input_size` is
+    /// then twice the pooled width. `None`: the sentence alone (heads trained before it
+    /// existed).
     #[serde(default)]
-    pub sentence_context: bool,
+    pub sentence_context: Option<usize>,
     /// Per-theme calibration of article scores (in `labels` order); empty: none.
     #[serde(default)]
     pub calibration: Vec<Platt>,
@@ -414,8 +436,8 @@ impl ThemeCard {
     pub fn expected_input_size(&self, hidden: usize) -> usize {
         let pooled = self.pooling.output_size(hidden);
         match self.sentence_context {
-            true => 2 * pooled,
-            false => pooled,
+            Some(_) => 2 * pooled,
+            None => pooled,
         }
     }
 
@@ -461,7 +483,7 @@ impl ThemeCard {
                 ),
             });
         }
-        if card.sentence_context && card.aggregation != Aggregation::Sentences {
+        if card.sentence_context.is_some() && card.aggregation != Aggregation::Sentences {
             return Err(Error::Config {
                 path: path.to_path_buf(),
                 message: format!(
@@ -666,6 +688,16 @@ impl ThemeHead {
         device: &Device,
     ) -> Result<Vec<Vec<f32>>> {
         let n = rows.len() / input_size.max(1);
+        let reads = self.members[0].hidden.as_ref().map_or_else(
+            || self.members[0].output.weight().dim(1),
+            |h| h.weight().dim(1),
+        )?;
+        if n * input_size != rows.len() || input_size != reads {
+            return Err(Error::Setting(format!(
+                "the theme head reads rows of {reads} values; got {} values as rows of {input_size}",
+                rows.len()
+            )));
+        }
         if n == 0 {
             return Ok(Vec::new());
         }
@@ -734,13 +766,16 @@ mod tests {
     #[test]
     fn sentence_context_doubles_the_input_and_is_only_for_sentence_heads() {
         let plain = read_edited_card(|_| {}).unwrap();
-        assert!(!plain.sentence_context, "cards before it default to off");
+        assert_eq!(
+            plain.sentence_context, None,
+            "cards before it default to none"
+        );
         let pooled = plain.pooling.output_size(384);
         assert_eq!(plain.expected_input_size(384), pooled);
-        let context = read_edited_card(|c| c["sentence_context"] = true.into()).unwrap();
+        let context = read_edited_card(|c| c["sentence_context"] = 5.into()).unwrap();
         assert_eq!(context.expected_input_size(384), 2 * pooled);
         let window = read_edited_card(|c| {
-            c["sentence_context"] = true.into();
+            c["sentence_context"] = 5.into();
             c["aggregation"] = "top_two_mean".into();
         });
         let message = window.unwrap_err().to_string();
