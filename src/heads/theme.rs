@@ -765,7 +765,11 @@ mod tests {
 
     #[test]
     fn sentence_context_doubles_the_input_and_is_only_for_sentence_heads() {
-        let plain = read_edited_card(|_| {}).unwrap();
+        // A card written before the field existed has no key for it.
+        let plain = read_edited_card(|c| {
+            c.as_object_mut().unwrap().remove("sentence_context");
+        })
+        .unwrap();
         assert_eq!(
             plain.sentence_context, None,
             "cards before it default to none"
@@ -773,6 +777,7 @@ mod tests {
         let pooled = plain.pooling.output_size(384);
         assert_eq!(plain.expected_input_size(384), pooled);
         let context = read_edited_card(|c| c["sentence_context"] = 5.into()).unwrap();
+        assert_eq!(context.sentence_context, Some(5));
         assert_eq!(context.expected_input_size(384), 2 * pooled);
         let window = read_edited_card(|c| {
             c["sentence_context"] = 5.into();
