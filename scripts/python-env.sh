@@ -20,6 +20,6 @@ python3 -m pip install --quiet --disable-pip-version-check \
   "maturin==1.9.6" "pyarrow==21.0.0" "pyspark==3.5.7" "pandas==2.2.3" "pytest==8.3.5" "numpy>=1.21"
 # Its own target folder: the wheel's dependencies are built with other features than the
 # crate's tests, and sharing one folder would rebuild them back and forth.
-CARGO_TARGET_DIR="${THEMESCAN_PYTHON_TARGET:-python/target}" \
+CARGO_TARGET_DIR="${THEMESCAN_PYTHON_TARGET:-$PWD/python/target}" \
   python3 -m pip install --quiet --disable-pip-version-check ./python
 python3 -c "import themescan; print('themescan', themescan.__file__)"
